@@ -1,0 +1,51 @@
+"""spa — Structurally Prune Anything: exact structured pruning of ONNX models.
+
+    import spa
+    result = spa.prune("model.onnx", ratio=0.5)
+    result.save("model.spa.onnx")
+    print(result.report.flops_ratio, result.report.oracle)
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from spa import rules as _rules  # noqa: F401  (registers every channel rule)
+from spa.errors import (
+    InvalidModelError,
+    OutputError,
+    PlanMismatchError,
+    SpaError,
+    UnsupportedError,
+    UsageError,
+    VerificationError,
+)
+from spa.pipeline import Analysis, PruneOptions, PruneResult, analyze, apply, execute_plan, make_plan, prune
+from spa.plan import Plan
+from spa.report import Report
+
+inspect = analyze
+load = analyze
+
+__all__ = [
+    "__version__",
+    "prune",
+    "make_plan",
+    "apply",
+    "analyze",
+    "inspect",
+    "load",
+    "execute_plan",
+    "PruneOptions",
+    "PruneResult",
+    "Analysis",
+    "Plan",
+    "Report",
+    "SpaError",
+    "InvalidModelError",
+    "UnsupportedError",
+    "UsageError",
+    "OutputError",
+    "VerificationError",
+    "PlanMismatchError",
+]

@@ -1,0 +1,12 @@
+"""Importance criteria. Every criterion yields per-unit scores for a group (higher = keep).
+
+Magnitude criteria need only the weights; later criteria (Taylor, SNIP, activations …) plug
+in through the same `Criterion` interface with the extra inputs they declare in ``needs``.
+"""
+
+from __future__ import annotations
+
+from spa.criteria.base import CRITERIA, Criterion, CriterionInputs, get_criterion, score_groups
+from spa.criteria import magnitude, rand  # noqa: F401  (registration)
+
+__all__ = ["CRITERIA", "Criterion", "CriterionInputs", "get_criterion", "score_groups"]

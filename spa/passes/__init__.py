@@ -1,0 +1,1 @@
+"""Passes that change the model: one per module (canonicalize, prune, …)."""

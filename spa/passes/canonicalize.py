@@ -1,0 +1,53 @@
+"""Canonicalize: bring any loaded model into the form the analyses expect.
+
+- model-local functions are inlined (their bodies are ordinary nodes to the rules);
+- every Constant node becomes an initializer (PaddlePaddle and torch exports keep weights and
+  shape constants in Constant nodes; rules read constants from initializers only);
+- nodes get unique non-empty names (plans and reports address nodes by name);
+- nodes are sorted topologically (the channel analysis walks in order);
+- shapes are inferred, so every rule can ask for static sizes.
+
+Tensors are never copied or changed: only where they live (Constant → initializer). The pass
+does not touch graph inputs, outputs or initializer names, so plans keep pointing at the input
+model's tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+
+__all__ = ["CanonicalizePass"]
+
+logger = logging.getLogger(__name__)
+
+
+class CanonicalizePass(ir.passes.InPlacePass):
+    """Inline, lift constants, name, sort and infer shapes (see module docstring)."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        for p in (
+            common.InlinePass(),
+            common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+            common.NameFixPass(),
+            common.TopologicalSortPass(),
+        ):
+            modified |= p(model).modified
+        infer_shapes(model)
+        return ir.passes.PassResult(model, modified)
+
+
+def infer_shapes(model: ir.Model) -> None:
+    """Run ONNX shape inference, keeping what is known when inference cannot finish.
+
+    Strict inference refuses some valid models (custom domains, …); a non-strict pass still
+    fills in what it can, and values left without shapes simply block their channels.
+    """
+    try:
+        common.ShapeInferencePass(strict_mode=True)(model)
+    except Exception as e:  # noqa: BLE001 - onnx raises many kinds; fall back to lenient mode
+        logger.info("strict shape inference failed (%s); retrying leniently", e)
+        common.ShapeInferencePass(check_type=False, strict_mode=False)(model)

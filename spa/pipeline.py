@@ -1,0 +1,289 @@
+"""The pipeline, readable top to bottom (DESIGN.md, "The pipeline").
+
+    load → canonicalize → analyze → score → allocate → plan │ prune → verify → report
+
+``make_plan`` runs the left half (no mutation of anything the caller owns) and returns a
+:class:`~spa.plan.Plan`; ``execute_plan`` runs the right half on a model. ``prune`` is both.
+``apply`` replays a saved plan on the model it was made for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pathlib
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from spa import io
+from spa.allocate import allocate, search_ratio
+from spa.analysis.channels import ChannelGraph, analyze_channels
+from spa.analysis.cost import CostModel
+from spa.criteria import CriterionInputs, get_criterion, score_groups
+from spa.errors import PlanMismatchError, UsageError, VerificationError
+from spa.passes.canonicalize import CanonicalizePass
+from spa.passes.prune import PrunePass
+from spa.plan import Plan, build_plan
+from spa.report import Report, Timer
+from spa.rules.base import Role
+from spa import verify as verify_mod
+
+__all__ = ["PruneOptions", "PruneResult", "Analysis", "load", "analyze", "make_plan", "execute_plan", "prune", "apply"]
+
+logger = logging.getLogger(__name__)
+
+ModelSource = str | os.PathLike | onnx.ModelProto | ir.Model
+VERIFY_LEVELS = ("full", "check", "none")
+
+
+@dataclasses.dataclass
+class PruneOptions:
+    ratio: float = 0.5
+    criterion: str = "l1"
+    allocation: str = "uniform"
+    min_keep: float = 0.1
+    round_to: int = 1
+    flops_target: float | None = None
+    seed: int = 0
+    input_shapes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    verify: str = "full"
+    benchmark: bool = True
+
+    def validate(self) -> None:
+        if not 0.0 <= self.ratio < 1.0:
+            raise UsageError(f"ratio must be in [0, 1), got {self.ratio}")
+        if self.flops_target is not None and not 0.0 < self.flops_target <= 1.0:
+            raise UsageError(f"flops-target must be in (0, 1], got {self.flops_target}")
+        if self.verify not in VERIFY_LEVELS:
+            raise UsageError(f"verify must be one of {', '.join(VERIFY_LEVELS)}")
+        get_criterion(self.criterion)
+
+    def plan_options(self) -> dict[str, Any]:
+        """The options that decide the plan (recorded in it; verification ones are not)."""
+        keys = ("ratio", "criterion", "allocation", "min_keep", "round_to", "flops_target", "seed")
+        return {k: getattr(self, k) for k in keys}
+
+
+@dataclasses.dataclass
+class PruneResult:
+    model: ir.Model
+    report: Report
+    plan: Plan
+
+    def save(self, path: str | os.PathLike, **kw) -> pathlib.Path:
+        return io.save_model(self.model, path, **kw)
+
+
+@dataclasses.dataclass
+class Analysis:
+    """A loaded, canonicalized model with its channel graph and cost model (read-only)."""
+
+    model: ir.Model
+    source: str
+    sha256: str | None
+    channels: ChannelGraph
+    cost: CostModel
+
+
+def load(source: ModelSource) -> tuple[ir.Model, str, str | None]:
+    """Load into an IR the caller does not own: (model, description, sha256 of the file)."""
+    if isinstance(source, (str, os.PathLike)):
+        model = io.load_model(source)
+        return model, str(source), io.model_sha256(source)
+    if isinstance(source, ir.Model):
+        # Never mutate the caller's model: work on a copy.
+        model = ir.from_proto(ir.to_proto(source))
+        io.check_model_structure(model)
+        return model, "<onnx_ir.Model>", None
+    return io.load_model(source), "<onnx.ModelProto>", None
+
+
+def analyze(source: ModelSource, timer: Timer | None = None) -> Analysis:
+    timer = timer or Timer()
+    with timer("load"):
+        model, desc, sha = load(source)
+    with timer("canonicalize"):
+        CanonicalizePass()(model)
+    with timer("analyze"):
+        channels = analyze_channels(model)
+        cost = CostModel(model)
+    return Analysis(model, desc, sha, channels, cost)
+
+
+def _weight_reader(model: ir.Model) -> Callable[[str], np.ndarray]:
+    inits = model.graph.initializers
+    return lambda name: inits[name].const_value.numpy()
+
+
+def _size_fn(cg: ChannelGraph, removed: Mapping[str, np.ndarray]) -> Callable[[str, int], int | None]:
+    sizes: dict[tuple[str, int], int] = {}
+    for g in cg.groups:
+        units = removed.get(g.id)
+        if units is None or not len(units):
+            continue
+        for d in g.dims:
+            sizes[(d.value, d.axis)] = int((~np.isin(g.unit_of[d], units)).sum())
+    return lambda name, axis: sizes.get((name, axis))
+
+
+def make_plan(analysis: Analysis, options: PruneOptions, timer: Timer | None = None) -> tuple[Plan, dict[str, Any]]:
+    """Score, allocate and plan. Returns the plan and notes for the report."""
+    timer = timer or Timer()
+    options.validate()
+    cg = analysis.channels
+    notes: dict[str, Any] = {}
+    with timer("score"):
+        crit = get_criterion(options.criterion)
+        scores = score_groups(cg, crit, CriterionInputs(weight=_weight_reader(analysis.model), seed=options.seed))
+    with timer("allocate"):
+
+        def removed_at(ratio: float) -> dict[str, np.ndarray]:
+            return allocate(cg.groups, scores, ratio=ratio, method=options.allocation, min_keep=options.min_keep, round_to=options.round_to)
+
+        ratio = options.ratio
+        if options.flops_target is not None:
+            base = analysis.cost.count().flops
+            ratio = search_ratio(
+                lambda r: analysis.cost.count(_size_fn(cg, removed_at(r))).flops / max(base, 1),
+                options.flops_target,
+            )
+            notes["searched_ratio"] = ratio
+        removed = removed_at(ratio)
+    with timer("plan"):
+        plan = build_plan(
+            analysis.model,
+            cg,
+            removed,
+            scores=scores,
+            options=options.plan_options(),
+            model_sha256=analysis.sha256,
+        )
+    return plan, notes
+
+
+def execute_plan(analysis: Analysis, plan: Plan, options: PruneOptions, timer: Timer | None = None, notes: dict | None = None) -> PruneResult:
+    """Surgery, verification and report. Raises VerificationError if the oracle fails."""
+    timer = timer or Timer()
+    model = analysis.model
+    cost_before = analysis.cost.count()
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="spa-"))
+    try:
+        need_ort = options.verify == "full" or options.benchmark
+        original_path = workdir / "original" / "model.onnx"
+        if need_ort:
+            with timer("snapshot"):
+                original_path.parent.mkdir()
+                io.save_model(model, original_path)
+        with timer("prune"):
+            PrunePass(plan)(model)
+        with timer("measure"):
+            cost_after = CostModel(model).count()
+        oracle = None
+        latency = (None, None)
+        if options.verify != "none" or options.benchmark:
+            pruned_path = workdir / "pruned" / "model.onnx"
+            pruned_path.parent.mkdir()
+            io.save_model(model, pruned_path)
+        if options.verify != "none":
+            with timer("verify"):
+                verify_mod.check_model_file(pruned_path)
+                if options.verify == "full":
+                    oracle = _oracle(original_path, pruned_path, plan, options)
+        if options.benchmark:
+            with timer("benchmark"):
+                feeds = verify_mod.make_inputs(verify_mod.session(original_path), options.input_shapes, options.seed)
+                lb, la = verify_mod.measure_latency([original_path, pruned_path], feeds)
+                latency = (round(lb, 4), round(la, 4))
+        report = _report(analysis, plan, options, cost_before, cost_after, oracle, latency, timer, notes or {})
+        return PruneResult(model=model, report=report, plan=plan)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _oracle(original_path: pathlib.Path, pruned_path: pathlib.Path, plan: Plan, options: PruneOptions) -> dict[str, Any]:
+    # The reference: the original with every removed consumer slice zeroed, written beside it.
+    reference = ir.load(original_path)
+    inits = reference.graph.initializers
+    for name, arr in verify_mod.masked_weights(plan, lambda n: inits[n].const_value.numpy()).items():
+        inits[name].const_value = ir.tensor(arr, name=name)
+    masked_path = original_path.parent.parent / "masked" / "model.onnx"
+    masked_path.parent.mkdir()
+    io.save_model(reference, masked_path)
+    del reference, inits
+    feeds = verify_mod.make_inputs(verify_mod.session(original_path), options.input_shapes, options.seed)
+    result = verify_mod.run_oracle(masked_path, pruned_path, feeds)
+    inexact = sorted({g.id for g in plan.groups if g.removed and g.inexact})
+    out = result.to_json() | {"inexact_groups": inexact, "asserted": not inexact}
+    if not result.passed and not inexact:
+        raise VerificationError(
+            f"mask-equivalence oracle failed: max difference {result.max_abs_diff:.3g} "
+            f"(scaled {result.max_scaled_diff:.3g}); groups pruned: {', '.join(g.id for g in plan.groups if g.removed)}",
+            max_diff=result.max_abs_diff,
+        )
+    return out
+
+
+def _report(analysis, plan, options, before, after, oracle, latency, timer, notes) -> Report:
+    from spa import __version__
+
+    cands = plan.groups
+    layers = []
+    for edit in plan.tensors:
+        for axis, roles in edit.roles.items():
+            if Role.OUT.value in roles:
+                layers.append({"weight": edit.name, "axis": axis, "channels": edit.shape[axis], "kept": len(edit.kept[axis])})
+    return Report(
+        input=analysis.source,
+        output=None,
+        options=options.plan_options() | {"verify": options.verify, **notes},
+        params_before=before.params,
+        params_after=after.params,
+        flops_before=before.flops,
+        flops_after=after.flops,
+        macs_before=before.macs,
+        macs_after=after.macs,
+        groups_total=len(cands),
+        groups_pruned=sum(1 for g in cands if g.removed),
+        groups_blocked=sum(1 for g in cands if g.frozen == g.units),
+        groups_partial=sum(1 for g in cands if 0 < g.frozen < g.units),
+        blocked=[{"group": g.id, "units": g.units, "frozen": g.frozen, "layers": g.layers, "reasons": g.blocked} for g in cands if g.frozen],
+        layers=layers,
+        oracle=oracle,
+        latency_ms_before=latency[0],
+        latency_ms_after=latency[1],
+        timings=dict(timer.timings),
+        spa_version=__version__,
+    )
+
+
+def prune(source: ModelSource, *, timer: Timer | None = None, **kwargs: Any) -> PruneResult:
+    """Prune a model (path, ModelProto or onnx_ir.Model); see :class:`PruneOptions` for kwargs."""
+    options = kwargs.pop("options", None) or PruneOptions(**kwargs)
+    options.validate()
+    timer = timer or Timer()
+    analysis = analyze(source, timer)
+    plan, notes = make_plan(analysis, options, timer)
+    return execute_plan(analysis, plan, options, timer, notes)
+
+
+def apply(source: ModelSource, plan: Plan, *, timer: Timer | None = None, **kwargs: Any) -> PruneResult:
+    """Replay ``plan`` on the model it was made for (checked by sha256 when both know it)."""
+    options = kwargs.pop("options", None) or PruneOptions(**{**plan.options, **kwargs})
+    timer = timer or Timer()
+    analysis = analyze(source, timer)
+    if plan.model_sha256 and analysis.sha256 and plan.model_sha256 != analysis.sha256:
+        raise PlanMismatchError(
+            f"the plan was made for a model with sha256 {plan.model_sha256[:12]}…, this one is {analysis.sha256[:12]}…"
+        )
+    return execute_plan(analysis, plan, options, timer)
+
+
+def input_shapes_arg(specs: Sequence[str]) -> dict[str, list[int]]:
+    return verify_mod.parse_input_shapes(specs)

@@ -1,0 +1,215 @@
+"""Plans: what surgery will do, as a JSON document that can be saved, reviewed and replayed.
+
+A plan is made from the channel analysis and an allocation (which units each group loses).
+It lists, for every initializer that changes, the kept indices per axis (ascending) and the
+role of that axis (the mask oracle zeroes the IN axes of the original); the attribute and
+shape-constant rewrites the rules asked for; and the groups with members and scores.
+Surgery (``spa.passes.prune``) only executes a plan: it never consults the rules again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from spa.analysis.channels import ChannelGraph, Group, is_constant
+from spa.rules import base as rules_base
+from spa.rules.base import AttrRewrite, ConstRewrite, Dim, RewriteContext
+
+__all__ = ["PLAN_VERSION", "TensorEdit", "GroupPlan", "Plan", "build_plan"]
+
+logger = logging.getLogger(__name__)
+
+PLAN_VERSION = 1
+
+
+@dataclasses.dataclass
+class TensorEdit:
+    """Slices of one initializer: ``kept[axis]`` ascending indices, ``roles[axis]`` what it does."""
+
+    name: str
+    shape: list[int]
+    kept: dict[int, list[int]]
+    roles: dict[int, list[str]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "shape": self.shape,
+            "axes": [{"axis": a, "roles": self.roles.get(a, []), "kept": self.kept[a]} for a in sorted(self.kept)],
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> TensorEdit:
+        return cls(
+            name=d["name"],
+            shape=list(d["shape"]),
+            kept={int(a["axis"]): [int(i) for i in a["kept"]] for a in d["axes"]},
+            roles={int(a["axis"]): list(a["roles"]) for a in d["axes"]},
+        )
+
+
+@dataclasses.dataclass
+class GroupPlan:
+    """One coupled group: its members, units, what is frozen and why, and what goes."""
+
+    id: str
+    members: list[str]
+    layers: list[str]
+    units: int
+    frozen: int
+    removed: list[int]
+    scores: list[float] | None
+    blocked: list[dict[str, str | None]]
+    inexact: list[str]
+
+    @property
+    def kept(self) -> int:
+        return self.units - len(self.removed)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> GroupPlan:
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass
+class Plan:
+    version: int
+    model_sha256: str | None
+    options: dict[str, Any]
+    groups: list[GroupPlan]
+    tensors: list[TensorEdit]
+    rewrites: list[AttrRewrite | ConstRewrite]
+
+    @property
+    def empty(self) -> bool:
+        return not self.tensors and not self.rewrites
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "model_sha256": self.model_sha256,
+            "options": self.options,
+            "groups": [g.to_json() for g in self.groups],
+            "tensors": [t.to_json() for t in self.tensors],
+            "rewrites": [r.to_json() for r in self.rewrites],
+        }
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=1, sort_keys=False)
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Plan:
+        if d.get("version") != PLAN_VERSION:
+            raise ValueError(f"plan version {d.get('version')!r} is not supported (expected {PLAN_VERSION})")
+        rewrites: list[AttrRewrite | ConstRewrite] = []
+        for r in d["rewrites"]:
+            if r["kind"] == "attribute":
+                rewrites.append(AttrRewrite(r["node"], r["name"], r["value"]))
+            else:
+                rewrites.append(ConstRewrite(r["node"], int(r["input"]), [int(x) for x in r["value"]]))
+        return cls(
+            version=d["version"],
+            model_sha256=d.get("model_sha256"),
+            options=dict(d.get("options", {})),
+            groups=[GroupPlan.from_json(g) for g in d["groups"]],
+            tensors=[TensorEdit.from_json(t) for t in d["tensors"]],
+            rewrites=rewrites,
+        )
+
+
+def _layers(group: Group) -> list[str]:
+    """Names of the weights whose output channels this group owns (the "layers" of a report)."""
+    return sorted({d.value for d in group.weight_dims(rules_base.Role.OUT)})
+
+
+def build_plan(
+    model: ir.Model,
+    cg: ChannelGraph,
+    removed: Mapping[str, np.ndarray],
+    *,
+    scores: Mapping[str, np.ndarray] | None = None,
+    options: Mapping[str, Any] | None = None,
+    model_sha256: str | None = None,
+) -> Plan:
+    """Turn "group → removed units" into tensor slices and rule rewrites (no mutation)."""
+    by_id = {g.id: g for g in cg.groups}
+    kept_by_dim: dict[Dim, np.ndarray] = {}
+    for gid, units in removed.items():
+        units = np.asarray(units, dtype=np.int64)
+        if not units.size:
+            continue
+        group = by_id[gid]
+        if group.frozen[units].any():
+            raise ValueError(f"group {gid}: a frozen unit was selected for removal")
+        for d in group.dims:
+            k = group.kept_indices(d, units)
+            if len(k) != cg.dim_size[d]:
+                kept_by_dim[d] = k
+
+    graph = model.graph
+    tensors: list[TensorEdit] = []
+    for name in sorted({d.value for d in kept_by_dim}):
+        value = graph.initializers.get(name)
+        if value is None or not is_constant(value):
+            continue
+        axes = {d.axis: kept_by_dim[d] for d in kept_by_dim if d.value == name}
+        roles = {}
+        for ax in axes:
+            g = cg.group_of(Dim(name, ax))
+            roles[ax] = [r.value for r in g.roles.get(Dim(name, ax), ())] if g else []
+        tensors.append(
+            TensorEdit(
+                name=name,
+                shape=[int(s) for s in value.shape],
+                kept={ax: [int(i) for i in k] for ax, k in sorted(axes.items())},
+                roles=roles,
+            )
+        )
+
+    opset = model.opset_imports.get("", 0)
+    rewrites: list[AttrRewrite | ConstRewrite] = []
+    for node in graph:
+        if not (cg.node_dims.get(node.name, set()) & kept_by_dim.keys()):
+            continue
+        rule = rules_base.get_rule(node.domain, node.op_type)
+        if rule is None:
+            continue
+        rctx = RewriteContext(node, kept_by_dim.get, opset)
+        rule.rewrite(node, rctx)
+        rewrites.extend(rctx.rewrites)
+
+    groups = []
+    for g in cg.candidates:
+        units = np.asarray(removed.get(g.id, []), dtype=np.int64)
+        s = None if scores is None or g.id not in scores else [round(float(x), 6) for x in scores[g.id]]
+        groups.append(
+            GroupPlan(
+                id=g.id,
+                members=[str(d) for d in g.dims],
+                layers=_layers(g),
+                units=g.n_units,
+                frozen=int(g.frozen.sum()),
+                removed=sorted(int(u) for u in units),
+                scores=s,
+                blocked=[b.to_json() for b in g.reasons],
+                inexact=g.inexact,
+            )
+        )
+    return Plan(
+        version=PLAN_VERSION,
+        model_sha256=model_sha256,
+        options=dict(options or {}),
+        groups=groups,
+        tensors=tensors,
+        rewrites=rewrites,
+    )

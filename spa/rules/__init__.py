@@ -1,0 +1,30 @@
+"""Channel rules, one module per op family; importing this package registers them all."""
+
+from __future__ import annotations
+
+from spa.rules import concat_split, conv, elementwise, linear, norm, reduce, shape, spatial  # noqa: F401
+from spa.rules.base import (
+    Blocked,
+    BlockCode,
+    ChannelRule,
+    CouplingContext,
+    Dim,
+    RewriteContext,
+    Role,
+    get_rule,
+    register,
+    registered_ops,
+)
+
+__all__ = [
+    "Blocked",
+    "BlockCode",
+    "ChannelRule",
+    "CouplingContext",
+    "Dim",
+    "RewriteContext",
+    "Role",
+    "get_rule",
+    "register",
+    "registered_ops",
+]

@@ -1,0 +1,395 @@
+"""The channel-rule contract and its registry.
+
+A rule answers two questions about one node (DESIGN.md, "The channel-rule contract"):
+
+1. ``couplings(node, ctx)``: which channel dimensions ``Dim(value, axis)`` of the node's inputs,
+   outputs and weights index the *same* channels, and how (identity, offset, range, block).
+   It records these with ``ctx.tie(...)``; anything it cannot prove it ``ctx.block(...)``s.
+   It may not mutate anything.
+2. ``rewrite(node, ctx)``: given the kept indices of every dimension it touches, which
+   attributes and constant inputs (group, split sizes, shape constants …) must change.
+   It records these with ``ctx.set_attr``/``ctx.set_const`` and does not mutate either:
+   the rewrites become part of the plan and the surgery pass executes them.
+
+Couplings are element-exact: ``tie`` unions individual channel indices ("atoms"), so Concat
+offsets, Split ranges, Flatten blocks and grouped convolutions all use the same mechanism.
+A dimension a node touches but does not mention is treated as opaque by the analysis (the
+channels it holds are frozen), so a rule that forgets an axis is safe, never wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+import onnx_ir as ir
+
+if TYPE_CHECKING:
+    pass
+
+__all__ = [
+    "Dim",
+    "BlockCode",
+    "Blocked",
+    "Role",
+    "Tie",
+    "ChannelRule",
+    "CouplingContext",
+    "RewriteContext",
+    "AttrRewrite",
+    "ConstRewrite",
+    "register",
+    "get_rule",
+    "registered_ops",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Dim:
+    """One axis of one tensor (activation or initializer), addressed by value name."""
+
+    value: str
+    axis: int
+
+    def __str__(self) -> str:
+        return f"{self.value}[{self.axis}]"
+
+
+class BlockCode(str, enum.Enum):
+    """Why channels are frozen. Stable strings: reports and tests depend on them."""
+
+    NO_RULE = "no_rule"
+    GRAPH_IO = "graph_io"
+    DYNAMIC_SHAPE = "dynamic_shape"
+    DATA_DEPENDENT = "data_dependent"
+    UNMAPPED_AXIS = "unmapped_axis"
+    CHANNEL_MIXING = "channel_mixing"
+    UNSUPPORTED_ATTRIBUTE = "unsupported_attribute"
+    SUBGRAPH = "subgraph"
+    NON_CONSTANT_WEIGHT = "non_constant_weight"
+    INDIVISIBLE = "indivisible"
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocked:
+    """A refusal: the channels of ``dim`` (or every axis of ``value`` when axis is None) stay."""
+
+    code: BlockCode
+    reason: str
+    node: str | None = None
+    value: str | None = None
+
+    def to_json(self) -> dict[str, str | None]:
+        return {"code": self.code.value, "reason": self.reason, "node": self.node, "value": self.value}
+
+
+class Role(str, enum.Enum):
+    """What a weight axis does with the channels of its group.
+
+    OUT: slices along this axis *produce* output channels (Conv W axis 0). A group needs one.
+    IN: slices along this axis *read* input channels (Conv W axis 1). The mask oracle zeroes
+        exactly these slices in the original model.
+    PARAM: a per-channel parameter (bias, BN statistics, PRelu slope, per-channel constant).
+    """
+
+    OUT = "out"
+    IN = "in"
+    PARAM = "param"
+
+
+@dataclasses.dataclass(frozen=True)
+class Tie:
+    """``a[a_index[k]]`` and ``b[b_index[k]]`` are the same channel, for every k."""
+
+    a: Dim
+    b: Dim
+    a_index: np.ndarray
+    b_index: np.ndarray
+    node: str
+
+
+@dataclasses.dataclass(frozen=True)
+class AttrRewrite:
+    node: str
+    name: str
+    value: int | float | list[int] | list[float]
+
+    def to_json(self) -> dict:
+        return {"kind": "attribute", "node": self.node, "name": self.name, "value": self.value}
+
+
+@dataclasses.dataclass(frozen=True)
+class ConstRewrite:
+    """Replace constant input ``index`` of ``node`` (a shape/split/slice constant) by ``value``."""
+
+    node: str
+    index: int
+    value: list[int]
+
+    def to_json(self) -> dict:
+        return {"kind": "constant", "node": self.node, "input": self.index, "value": self.value}
+
+
+def _normalize_axis(axis: int, rank: int) -> int:
+    if not -rank <= axis < rank:
+        raise IndexError(f"axis {axis} out of range for rank {rank}")
+    return axis % rank
+
+
+class CouplingContext:
+    """What a rule may ask about its node, and where it records ties, roles and blocks."""
+
+    def __init__(
+        self,
+        node: ir.Node,
+        *,
+        opset: int,
+        is_constant: Callable[[ir.Value], bool],
+        is_channel: Callable[[Dim], bool] = lambda d: False,
+    ) -> None:
+        self.node = node
+        self.opset = opset
+        self._is_constant = is_constant
+        self._is_channel = is_channel
+        self.ties: list[Tie] = []
+        self.roles: list[tuple[Dim, Role]] = []
+        self.blocks: list[tuple[str, int | None, Blocked]] = []
+        self.mentioned: set[Dim] = set()
+        # Whether removing channels on this node's dims changes results beyond the removed
+        # channels themselves (LayerNorm over the axis …): the oracle reports, not asserts.
+        self.inexact: list[tuple[Dim, str]] = []
+
+    # -- queries -------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.node.name or f"<{self.node.op_type}>"
+
+    def input(self, i: int) -> ir.Value | None:
+        return self.node.inputs[i] if i < len(self.node.inputs) else None
+
+    def output(self, i: int) -> ir.Value | None:
+        return self.node.outputs[i] if i < len(self.node.outputs) else None
+
+    def attr(self, name: str, default=None):
+        a = self.node.attributes.get(name)
+        return default if a is None else a.value
+
+    @staticmethod
+    def rank(value: ir.Value | None) -> int | None:
+        if value is None or value.shape is None:
+            return None
+        return len(value.shape)
+
+    @staticmethod
+    def size(value: ir.Value | None, axis: int) -> int | None:
+        """Static size of ``value``'s axis, or None when unknown or symbolic."""
+        if value is None or value.shape is None:
+            return None
+        rank = len(value.shape)
+        if not -rank <= axis < rank:
+            return None
+        d = value.shape[axis]
+        return d if isinstance(d, int) else None
+
+    def shape(self, value: ir.Value | None) -> tuple[int | None, ...] | None:
+        if value is None or value.shape is None:
+            return None
+        return tuple(d if isinstance(d, int) else None for d in value.shape)
+
+    def const(self, value: ir.Value | None) -> np.ndarray | None:
+        """The value of a constant input (initializer not overridable as a graph input)."""
+        if value is None or not self._is_constant(value):
+            return None
+        return value.const_value.numpy()
+
+    def is_constant(self, value: ir.Value | None) -> bool:
+        return value is not None and self._is_constant(value)
+
+    def is_channel(self, value: ir.Value | None, axis: int) -> bool:
+        """Whether ``value[axis]`` is already tied to a weight by the nodes before this one.
+
+        Nodes are analysed in topological order, so this tells a Reshape that merges axes
+        which of its input axes carries the channels from upstream (NCHW vs NHWC Flatten).
+        """
+        if value is None or self.rank(value) is None:
+            return False
+        return self._is_channel(self.dim(value, axis))
+
+    # -- records -------------------------------------------------------------------------
+    def dim(self, value: ir.Value, axis: int) -> Dim:
+        rank = self.rank(value)
+        assert rank is not None, "dim() needs a value of known rank"
+        return Dim(value.name, _normalize_axis(axis, rank))
+
+    def tie(
+        self,
+        a: ir.Value | None,
+        a_axis: int,
+        b: ir.Value | None,
+        b_axis: int,
+        a_index: Iterable[int] | np.ndarray | None = None,
+        b_index: Iterable[int] | np.ndarray | None = None,
+    ) -> bool:
+        """Record that channels of ``a[a_axis]`` and ``b[b_axis]`` correspond.
+
+        Without indices the two axes must have equal size (identity). With indices, element k
+        of ``a_index`` and of ``b_index`` are the same channel (broadcast: one side may be a
+        scalar). If a side's size is unknown, the other side is blocked instead: a channel
+        we cannot follow must not be removed. Returns whether the tie was recorded.
+        """
+        na = self.size(a, a_axis)
+        nb = self.size(b, b_axis)
+        if na is None or nb is None:
+            for v, ax, n in ((a, a_axis, na), (b, b_axis, nb)):
+                if v is not None and n is not None:
+                    other = b if v is a else a
+                    self.block(
+                        v,
+                        ax,
+                        BlockCode.DYNAMIC_SHAPE,
+                        f"{self.node.op_type} '{self.name}': the matching axis of "
+                        f"'{other.name if other is not None else '?'}' has no static size",
+                    )
+            return False
+        da, db = self.dim(a, a_axis), self.dim(b, b_axis)
+        if a_index is None and b_index is None:
+            if na != nb:
+                self.block(a, a_axis, BlockCode.UNMAPPED_AXIS, f"{self.node.op_type} '{self.name}': sizes {na} and {nb} differ")
+                self.block(b, b_axis, BlockCode.UNMAPPED_AXIS, f"{self.node.op_type} '{self.name}': sizes {na} and {nb} differ")
+                return False
+            ia = ib = np.arange(na, dtype=np.int64)
+        else:
+            ia = np.arange(na, dtype=np.int64) if a_index is None else np.asarray(a_index, dtype=np.int64)
+            ib = np.arange(nb, dtype=np.int64) if b_index is None else np.asarray(b_index, dtype=np.int64)
+            ia, ib = np.broadcast_arrays(ia, ib)
+            if ia.size and (ia.min() < 0 or ia.max() >= na or ib.min() < 0 or ib.max() >= nb):
+                raise IndexError(f"tie index out of range on {da} or {db} at node {self.name}")
+        self.mentioned.update((da, db))
+        self.ties.append(Tie(da, db, np.ascontiguousarray(ia), np.ascontiguousarray(ib), self.name))
+        return True
+
+    def allow(self, value: ir.Value | None, axis: int) -> None:
+        """Say that this node is indifferent to the size of ``value[axis]`` (reads only its dtype …)."""
+        if value is not None and self.rank(value) is not None:
+            self.mentioned.add(self.dim(value, axis))
+
+    def weight(self, value: ir.Value | None, axis: int, role: Role) -> bool:
+        """Declare a weight axis. Weights must be constants: a computed weight blocks its axis."""
+        if value is None:
+            return False
+        if not self.is_constant(value):
+            self.block(value, axis, BlockCode.NON_CONSTANT_WEIGHT, f"{self.node.op_type} '{self.name}': weight '{value.name}' is not a constant initializer")
+            return False
+        self.roles.append((self.dim(value, axis), role))
+        return True
+
+    def block(self, value: ir.Value | None, axis: int | None, code: BlockCode, reason: str) -> None:
+        """Freeze the channels of ``value[axis]`` (every axis when axis is None)."""
+        if value is None:
+            return
+        rank = self.rank(value)
+        ax = None if axis is None or rank is None else _normalize_axis(axis, rank)
+        if ax is not None:
+            self.mentioned.add(Dim(value.name, ax))
+        elif rank is not None:
+            self.mentioned.update(Dim(value.name, i) for i in range(rank))
+        self.blocks.append((value.name, ax, Blocked(code, reason, self.name, value.name)))
+
+    def block_all(self, code: BlockCode, reason: str) -> None:
+        """Freeze every axis of every input and output of this node."""
+        for v in (*self.node.inputs, *self.node.outputs):
+            self.block(v, None, code, reason)
+
+    def mark_inexact(self, value: ir.Value, axis: int, why: str) -> None:
+        self.inexact.append((self.dim(value, axis), why))
+
+
+class RewriteContext:
+    """Kept indices for the dims a node touches; collects the node's attribute/constant rewrites."""
+
+    def __init__(self, node: ir.Node, kept: Callable[[Dim], np.ndarray | None], opset: int) -> None:
+        self.node = node
+        self.opset = opset
+        self._kept = kept
+        self.rewrites: list[AttrRewrite | ConstRewrite] = []
+
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+    def kept(self, value: ir.Value | None, axis: int) -> np.ndarray | None:
+        """Sorted kept indices of ``value[axis]``, or None when that axis is unchanged."""
+        if value is None or value.shape is None:
+            return None
+        return self._kept(Dim(value.name, _normalize_axis(axis, len(value.shape))))
+
+    def new_size(self, value: ir.Value, axis: int) -> int | None:
+        """Size of ``value[axis]`` after pruning (the old static size if unchanged)."""
+        k = self.kept(value, axis)
+        if k is not None:
+            return int(len(k))
+        d = value.shape[axis] if value.shape is not None else None
+        return d if isinstance(d, int) else None
+
+    def changed(self, *values: ir.Value | None) -> bool:
+        return any(
+            v is not None and v.shape is not None and any(self.kept(v, a) is not None for a in range(len(v.shape)))
+            for v in values
+        )
+
+    def set_attr(self, name: str, value) -> None:
+        self.rewrites.append(AttrRewrite(self.node.name, name, value))
+
+    def set_const(self, index: int, value: Iterable[int]) -> None:
+        self.rewrites.append(ConstRewrite(self.node.name, index, [int(x) for x in value]))
+
+
+class ChannelRule(Protocol):
+    """How one op family couples channels (see module docstring)."""
+
+    def couplings(self, node: ir.Node, ctx: CouplingContext) -> None: ...
+
+    def rewrite(self, node: ir.Node, ctx: RewriteContext) -> None: ...
+
+
+class NoRewrite:
+    """Mixin for rules whose ops have no channel-dependent attributes or constants."""
+
+    def rewrite(self, node: ir.Node, ctx: RewriteContext) -> None:  # noqa: D102
+        return None
+
+
+_REGISTRY: dict[tuple[str, str], ChannelRule] = {}
+
+
+def _canonical_domain(domain: str) -> str:
+    return "" if domain in ("", "ai.onnx") else domain
+
+
+def register(*op_types: str, domain: str = "") -> Callable[[type], type]:
+    """Class decorator: register one instance of the rule for each ``(domain, op_type)``."""
+
+    def deco(cls: type) -> type:
+        inst = cls()
+        for op in op_types:
+            key = (_canonical_domain(domain), op)
+            if key in _REGISTRY:
+                raise RuntimeError(f"two rules registered for {key}")
+            _REGISTRY[key] = inst
+        return cls
+
+    return deco
+
+
+def get_rule(domain: str, op_type: str) -> ChannelRule | None:
+    return _REGISTRY.get((_canonical_domain(domain), op_type))
+
+
+def registered_ops() -> set[tuple[str, str]]:
+    return set(_REGISTRY)

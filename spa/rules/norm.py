@@ -1,0 +1,96 @@
+"""Normalizations: BatchNormalization, InstanceNormalization, GroupNormalization, LayerNormalization, LRN.
+
+BatchNorm and InstanceNorm act per channel: their parameters are sliced with the channel.
+GroupNormalization normalizes over whole groups, so a unit is a whole group of channels and
+``num_groups`` shrinks. LayerNormalization mixes every channel of its normalized axes: those
+axes are blocked here (CHANNEL_MIXING); the other axes pass through. LRN mixes neighbouring
+channels: blocked.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from spa.rules._util import tie_same_shape
+from spa.rules.base import BlockCode, CouplingContext, NoRewrite, RewriteContext, Role, register
+
+__all__ = ["PerChannelNormRule", "GroupNormRule", "LayerNormRule", "LRNRule"]
+
+
+@register("BatchNormalization", "InstanceNormalization")
+class PerChannelNormRule(NoRewrite):
+    def couplings(self, node: ir.Node, ctx: CouplingContext) -> None:
+        x, y = ctx.input(0), ctx.output(0)
+        tie_same_shape(ctx, x, y)
+        for p in node.inputs[1:]:
+            if p is not None and ctx.tie(p, 0, y, 1):
+                ctx.weight(p, 0, Role.PARAM)
+        for extra in node.outputs[1:]:  # training-mode running statistics, shape [C]
+            if extra is not None:
+                ctx.tie(extra, 0, y, 1)
+
+
+@register("GroupNormalization")
+class GroupNormRule:
+    def couplings(self, node: ir.Node, ctx: CouplingContext) -> None:
+        x, y = ctx.input(0), ctx.output(0)
+        tie_same_shape(ctx, x, y)
+        c = ctx.size(x, 1)
+        groups = int(ctx.attr("num_groups", 0))
+        if c is None or groups <= 0 or c % groups:
+            return
+        per = c // groups
+        # Channels of one group form one unit: only whole groups may go.
+        ctx.tie(x, 1, x, 1, np.arange(c), (np.arange(c) // per) * per)
+        for p in node.inputs[1:3]:
+            n = ctx.size(p, 0)
+            if n == c:
+                ok = ctx.tie(p, 0, y, 1)
+            elif n == groups:  # opset 18 layout: one scale per group
+                ok = ctx.tie(p, 0, y, 1, np.arange(c) // per, np.arange(c))
+            else:
+                ok = False
+            if ok:
+                ctx.weight(p, 0, Role.PARAM)
+
+    def rewrite(self, node: ir.Node, ctx: RewriteContext) -> None:
+        x = node.inputs[0]
+        kept = ctx.kept(x, 1)
+        if kept is None:
+            return
+        groups = int(node.attributes["num_groups"].value)
+        per = int(x.shape[1]) // groups
+        ctx.set_attr("num_groups", int(len(kept)) // per)
+
+
+@register("LayerNormalization")
+class LayerNormRule(NoRewrite):
+    def couplings(self, node: ir.Node, ctx: CouplingContext) -> None:
+        x, y = ctx.input(0), ctx.output(0)
+        rank = ctx.rank(x)
+        if rank is None:
+            return
+        axis = int(ctx.attr("axis", -1)) % rank
+        normalized = list(range(axis, rank))
+        tie_same_shape(ctx, x, y, skip=normalized)
+        for extra in node.outputs[1:]:  # Mean / InvStdDev: reduced over normalized axes
+            if extra is not None and ctx.rank(extra) == rank:
+                for ax in range(axis):
+                    ctx.tie(extra, ax, y, ax)
+        reason = f"LayerNormalization '{ctx.name}' normalizes over axes {normalized}: removing a channel changes every other"
+        for ax in normalized:
+            ctx.block(x, ax, BlockCode.CHANNEL_MIXING, reason)
+            ctx.block(y, ax, BlockCode.CHANNEL_MIXING, reason)
+        for p in node.inputs[1:]:
+            ctx.block(p, None, BlockCode.CHANNEL_MIXING, reason)
+
+
+@register("LRN")
+class LRNRule(NoRewrite):
+    def couplings(self, node: ir.Node, ctx: CouplingContext) -> None:
+        x, y = ctx.input(0), ctx.output(0)
+        tie_same_shape(ctx, x, y, skip=[1])
+        reason = f"LRN '{ctx.name}' sums over neighbouring channels"
+        ctx.block(x, 1, BlockCode.CHANNEL_MIXING, reason)
+        ctx.block(y, 1, BlockCode.CHANNEL_MIXING, reason)

@@ -1,0 +1,194 @@
+"""Verification: the ONNX checker, ONNX Runtime, and the mask-equivalence oracle.
+
+The oracle (DESIGN.md): in the *original* model, zero the slices of every consumer weight
+that reads a removed channel (the IN axes of the plan); run it and the pruned model in ONNX
+Runtime on the same seeded random inputs; the outputs must match. This proves the surgery
+exact for any architecture without labels. (ORT's ``SessionOptions.add_initializer`` does not
+override a plain initializer — measured — so the masked reference is written as a model.)
+
+Differences are measured against the scale of each output: ``|p - m| <= atol + rtol·max|m|``
+(element-wise relative error is meaningless next to zero crossings of large activations).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from spa.errors import UsageError, VerificationError
+from spa.plan import Plan
+
+__all__ = [
+    "OracleResult",
+    "parse_input_shapes",
+    "make_inputs",
+    "session",
+    "run_oracle",
+    "check_model_file",
+    "measure_latency",
+]
+
+logger = logging.getLogger(__name__)
+
+RTOL = 1e-4
+ATOL = 1e-5
+
+_NP_OF_ONNX = {
+    onnx.TensorProto.FLOAT: np.float32,
+    onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.FLOAT16: np.float16,
+    onnx.TensorProto.INT64: np.int64,
+    onnx.TensorProto.INT32: np.int32,
+    onnx.TensorProto.INT8: np.int8,
+    onnx.TensorProto.UINT8: np.uint8,
+    onnx.TensorProto.BOOL: np.bool_,
+}
+
+
+@dataclasses.dataclass
+class OracleResult:
+    max_abs_diff: float
+    max_scaled_diff: float
+    passed: bool
+    per_output: dict[str, float]
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def parse_input_shapes(specs: Sequence[str]) -> dict[str, list[int]]:
+    """``["x:1x3x224x224", …]`` → ``{"x": [1, 3, 224, 224]}`` (UsageError on bad syntax)."""
+    out: dict[str, list[int]] = {}
+    for spec in specs:
+        m = re.fullmatch(r"\s*([^:]+):(\d+(?:[x,]\d+)*)\s*", spec)
+        if not m:
+            raise UsageError(f"--input-shape '{spec}' is not NAME:DxDx… (e.g. input:1x3x224x224)")
+        out[m.group(1)] = [int(d) for d in re.split(r"[x,]", m.group(2))]
+    return out
+
+
+def session(path: str | os.PathLike, threads: int = 0) -> ort.InferenceSession:
+    """An ORT CPU session on a model file (a path: external data works at any size)."""
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def make_inputs(sess: ort.InferenceSession, shapes: Mapping[str, Sequence[int]] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded random inputs; symbolic dims are 1 on axis 0 and 16 elsewhere unless given."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    shapes = shapes or {}
+    for inp in sess.get_inputs():
+        if inp.name in shapes:
+            shape = list(shapes[inp.name])
+        else:
+            shape = [d if isinstance(d, int) and d >= 0 else (1 if i == 0 else 16) for i, d in enumerate(inp.shape)]
+        t = inp.type
+        if "float16" in t:
+            feeds[inp.name] = rng.standard_normal(shape).astype(np.float16)
+        elif "double" in t:
+            feeds[inp.name] = rng.standard_normal(shape)
+        elif "float" in t:
+            feeds[inp.name] = rng.standard_normal(shape).astype(np.float32)
+        elif "bool" in t:
+            feeds[inp.name] = rng.integers(0, 2, shape).astype(np.bool_)
+        elif "int" in t:
+            dtype = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8}.get(t, np.int64)
+            feeds[inp.name] = rng.integers(0, 2, shape).astype(dtype)
+        else:
+            raise UsageError(f"cannot generate a random value for input '{inp.name}' of type {t}")
+    return feeds
+
+
+def masked_weights(plan: Plan, load) -> dict[str, np.ndarray]:
+    """Original initializers with every removed IN slice zeroed (the oracle's reference)."""
+    out = {}
+    for edit in plan.tensors:
+        in_axes = [a for a, roles in edit.roles.items() if "in" in roles]
+        if not in_axes:
+            continue
+        arr = np.array(load(edit.name), copy=True)
+        for a in in_axes:
+            removed = np.setdiff1d(np.arange(edit.shape[a]), np.asarray(edit.kept[a], dtype=np.int64))
+            idx = [slice(None)] * arr.ndim
+            idx[a] = removed
+            arr[tuple(idx)] = 0
+        out[edit.name] = arr
+    return out
+
+
+def run_oracle(
+    reference_path: str | os.PathLike,
+    pruned_path: str | os.PathLike,
+    feeds: Mapping[str, np.ndarray],
+    *,
+    rtol: float = RTOL,
+    atol: float = ATOL,
+) -> OracleResult:
+    reference = session(reference_path)
+    pruned = session(pruned_path)
+    names = [o.name for o in reference.get_outputs()]
+    ref_out = reference.run(names, dict(feeds))
+    got_out = pruned.run(names, dict(feeds))
+    per_output = {}
+    worst_abs = worst_scaled = 0.0
+    passed = True
+    for name, r, g in zip(names, ref_out, got_out):
+        r = np.asarray(r)
+        g = np.asarray(g)
+        if r.shape != g.shape or r.dtype != g.dtype:
+            raise VerificationError(f"output '{name}' changed from {r.dtype}{list(r.shape)} to {g.dtype}{list(g.shape)}")
+        if r.dtype.kind not in "fc":
+            diff = float(np.count_nonzero(r != g))
+            scaled = diff
+            ok = diff == 0
+        else:
+            rr, gg = r.astype(np.float64), g.astype(np.float64)
+            diff = float(np.max(np.abs(rr - gg))) if r.size else 0.0
+            scale = float(np.max(np.abs(rr))) if r.size else 0.0
+            scaled = diff / max(scale, 1e-30)
+            ok = bool(np.isfinite(diff) and diff <= atol + rtol * scale)
+        per_output[name] = diff
+        worst_abs = max(worst_abs, diff)
+        worst_scaled = max(worst_scaled, scaled)
+        passed &= ok
+    return OracleResult(worst_abs, worst_scaled, passed, per_output)
+
+
+def check_model_file(path: str | os.PathLike) -> None:
+    """The ONNX checker with full shape checking, on a path (works for external data)."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as e:  # noqa: BLE001 - the checker raises several types
+        raise VerificationError(f"the pruned model fails the ONNX checker: {str(e).splitlines()[0]}") from e
+
+
+def measure_latency(
+    paths: Sequence[str | os.PathLike], feeds: Mapping[str, np.ndarray], *, budget_s: float = 2.0, min_runs: int = 5, threads: int = 0
+) -> list[float]:
+    """Median latency (ms) of each model, measured side by side: runs interleave round-robin,
+    so machine noise hits every model alike."""
+    sessions = [session(p, threads=threads) for p in paths]
+    for s in sessions:  # warm-up
+        s.run(None, dict(feeds))
+    times: list[list[float]] = [[] for _ in sessions]
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < min_runs or (time.perf_counter() - start < budget_s and rounds < 1000):
+        for s, t in zip(sessions, times):
+            t0 = time.perf_counter()
+            s.run(None, dict(feeds))
+            t.append((time.perf_counter() - t0) * 1e3)
+        rounds += 1
+    return [float(np.median(t)) for t in times]
