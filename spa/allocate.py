@@ -2,8 +2,9 @@
 
 - ``uniform``: every prunable group loses ``ratio`` of its units (its lowest-scored free ones).
 - ``global``: one threshold over the normalised scores of all groups; ``ratio`` of all units go.
-Both respect ``min_keep`` (each group keeps at least that fraction, and at least one unit: no
-layer collapses) and ``round_to`` (kept counts are multiples of N where the group has ≥ N
+Both respect ``min_keep`` in every *dim* of a group, not just in the group: each layer keeps at
+least that fraction of its channels and at least one (a Concat input or a layer that owns only
+some units of its group never collapses to zero channels) and ``round_to`` (kept counts are multiples of N where the group has ≥ N
 units; rounding keeps more, never fewer). Frozen units are never chosen.
 
 ``search_ratio`` finds the smallest ratio whose plan meets a FLOPs target (bisection: FLOPs
@@ -25,23 +26,46 @@ __all__ = ["ALLOCATIONS", "allocate", "search_ratio"]
 ALLOCATIONS = ("uniform", "global")
 
 
-def _max_removable(group: Group, min_keep: float) -> int:
-    keep = max(1, math.ceil(min_keep * group.n_units - 1e-9))
-    return max(0, min(group.n_units - keep, group.n_free))
+class _Budget:
+    """Which units of one group may still go without any dim falling under its floor."""
+
+    def __init__(self, group: Group, min_keep: float) -> None:
+        self.group = group
+        self.counts = np.stack([np.bincount(group.unit_of[d], minlength=group.n_units) for d in group.dims])
+        sizes = self.counts.sum(axis=1)
+        floors = np.maximum(1, np.ceil(min_keep * sizes - 1e-9)).astype(np.int64)
+        self.room = sizes - floors  # channels each dim may still lose
+        self.cap = max(0, group.n_units - max(1, math.ceil(min_keep * group.n_units - 1e-9)))
+        self.removed: list[int] = []
+
+    def try_remove(self, unit: int) -> bool:
+        if self.group.frozen[unit] or len(self.removed) >= self.cap:
+            return False
+        c = self.counts[:, unit]
+        if np.any(c > self.room):
+            return False
+        self.room -= c
+        self.removed.append(unit)
+        return True
+
+    def restore(self, unit: int) -> None:
+        self.removed.remove(unit)
+        self.room += self.counts[:, unit]
 
 
-def _round(group: Group, n_remove: int, round_to: int) -> int:
-    if round_to <= 1 or group.n_units < round_to:
-        return n_remove
-    kept = group.n_units - n_remove
-    kept = min(group.n_units, math.ceil(kept / round_to) * round_to)
-    return group.n_units - kept
-
-
-def _lowest(group: Group, scores: np.ndarray, n: int) -> np.ndarray:
+def _order(group: Group, scores: np.ndarray) -> np.ndarray:
+    """Free units by ascending score, ties by index (deterministic)."""
     free = np.flatnonzero(~group.frozen)
-    order = free[np.lexsort((free, scores[free]))]  # by score, ties by index: deterministic
-    return np.sort(order[:n])
+    return free[np.lexsort((free, scores[free]))]
+
+
+def _round(budget: _Budget, scores: np.ndarray, round_to: int) -> None:
+    """Give units back (highest-scored first) until the kept count is a multiple of round_to."""
+    n_units = budget.group.n_units
+    if round_to <= 1 or n_units < round_to:
+        return
+    while budget.removed and (n_units - len(budget.removed)) % round_to:
+        budget.restore(max(budget.removed, key=lambda u: (scores[u], u)))
 
 
 def allocate(
@@ -61,31 +85,30 @@ def allocate(
     if round_to < 1:
         raise UsageError(f"round-to must be ≥ 1, got {round_to}")
     prunable = [g for g in groups if g.prunable and g.id in scores]
-    counts: dict[str, int] = {}
+    budgets = {g.id: _Budget(g, min_keep) for g in prunable}
     if method == "uniform":
         for g in prunable:
-            counts[g.id] = min(int(ratio * g.n_units), _max_removable(g, min_keep))
+            want = int(ratio * g.n_units)
+            for u in _order(g, scores[g.id]):
+                if len(budgets[g.id].removed) >= want:
+                    break
+                budgets[g.id].try_remove(int(u))
     elif method == "global":
-        budget = int(ratio * sum(g.n_units for g in prunable))
-        caps = {g.id: _max_removable(g, min_keep) for g in prunable}
-        entries = [(float(scores[g.id][u]), gi, int(u)) for gi, g in enumerate(prunable) for u in np.flatnonzero(~g.frozen)]
-        entries.sort()
-        counts = {g.id: 0 for g in prunable}
+        want = int(ratio * sum(g.n_units for g in prunable))
+        entries = sorted((float(scores[g.id][u]), gi, int(u)) for gi, g in enumerate(prunable) for u in np.flatnonzero(~g.frozen))
         taken = 0
-        for _, gi, _u in entries:
-            if taken >= budget:
+        for _, gi, u in entries:
+            if taken >= want:
                 break
-            gid = prunable[gi].id
-            if counts[gid] < caps[gid]:
-                counts[gid] += 1
-                taken += 1
+            taken += budgets[prunable[gi].id].try_remove(u)
     else:
         raise UsageError(f"unknown allocation '{method}' (choose from {', '.join(ALLOCATIONS)})")
     removed = {}
     for g in prunable:
-        n = _round(g, counts.get(g.id, 0), round_to)
-        if n > 0:
-            removed[g.id] = _lowest(g, scores[g.id], n)
+        b = budgets[g.id]
+        _round(b, scores[g.id], round_to)
+        if b.removed:
+            removed[g.id] = np.sort(np.asarray(b.removed, dtype=np.int64))
     return removed
 
 
