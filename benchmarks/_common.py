@@ -1,0 +1,95 @@
+"""Helpers shared by the benchmark scripts (not part of the ``spa`` package).
+
+Each benchmark runs as ``python benchmarks/<name>.py`` from anywhere: importing this module
+puts the repository root (for ``import spa`` without installing) and ``models/`` (for
+``import zoo``) on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+import time
+from collections.abc import Mapping, Sequence
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+for _p in (REPO_ROOT, REPO_ROOT / "models"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]], title: str | None = None) -> str:
+    """A plain fixed-width text table (right-aligned except the first column)."""
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(r: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+    out = []
+    if title:
+        out.append(title)
+    out.append(line(cells[0]))
+    out.append("  ".join("-" * w for w in widths))
+    out.extend(line(r) for r in cells[1:])
+    return "\n".join(out)
+
+
+def fmt(x: float | None, spec: str = ".3f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def mib(nbytes: float) -> str:
+    return f"{nbytes / 2**20:,.1f} MiB"
+
+
+def ort_session(path: str | os.PathLike, threads: int):
+    """A CPU ORT session with ``threads`` intra-op threads, sequential execution."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def latency_side_by_side(
+    paths: Mapping[str, str | os.PathLike],
+    feeds: Mapping[str, object],
+    *,
+    threads: int = 2,
+    warmup: int = 3,
+    runs: int = 20,
+) -> dict[str, dict[str, float]]:
+    """Median/p10/p90 latency (ms) of each model, runs interleaved round-robin.
+
+    Every model gets the same feeds; each round runs every model once, the starting model
+    rotating from round to round so no model is always first (cache-cold) or last.
+    """
+    import numpy as np
+
+    names = list(paths)
+    sessions = {n: ort_session(paths[n], threads) for n in names}
+    for _ in range(warmup):
+        for n in names:
+            sessions[n].run(None, dict(feeds))
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(runs):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            sessions[n].run(None, dict(feeds))
+            times[n].append((time.perf_counter() - t0) * 1e3)
+    return {
+        n: {
+            "median": float(np.median(t)),
+            "p10": float(np.percentile(t, 10)),
+            "p90": float(np.percentile(t, 90)),
+            "runs": len(t),
+        }
+        for n, t in times.items()
+    }

@@ -1,0 +1,220 @@
+"""The command line as a user meets it: exit codes, one-line refusals, nothing lost."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import onnx
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+DEMO = REPO / "models" / "demo.onnx"
+
+
+def run(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "spa.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def sha(path: pathlib.Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture()
+def demo(tmp_path: pathlib.Path) -> pathlib.Path:
+    p = tmp_path / "demo.onnx"
+    shutil.copy(DEMO, p)
+    return p
+
+
+def assert_refused(proc: subprocess.CompletedProcess, code: int = 2) -> None:
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("spa: error:")
+
+
+def test_prune_demo_writes_default_output_and_keeps_input(demo: pathlib.Path) -> None:
+    before = sha(demo)
+    proc = run("prune", str(demo), "--ratio", "0.5", "--no-bench")
+    assert proc.returncode == 0, proc.stderr
+    assert sha(demo) == before
+    out = demo.with_name("demo.spa.onnx")
+    onnx.checker.check_model(str(out), full_check=True)
+    assert "exact" in proc.stdout
+
+
+def test_json_and_report(demo: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    report = tmp_path / "r.json"
+    proc = run("prune", str(demo), "-o", str(tmp_path / "o.onnx"), "--json", "--report", str(report))
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data == json.loads(report.read_text())
+    assert data["flops_after"] < data["flops_before"]
+    assert data["oracle"]["passed"] is True
+    assert data["latency_ms_before"] > 0 and data["latency_ms_after"] > 0
+    assert set(data["timings"]) >= {"load", "canonicalize", "analyze", "prune", "verify", "save"}
+
+
+def test_same_options_same_bytes_across_hash_seeds(demo: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    outs = []
+    for seed in ("0", "12345"):
+        out = tmp_path / f"o{seed}.onnx"
+        proc = run("prune", str(demo), "-o", str(out), "--no-bench", "--quiet", env={"PYTHONHASHSEED": seed})
+        assert proc.returncode == 0, proc.stderr
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+
+
+def test_ratio_zero_keeps_every_tensor(demo: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    out = tmp_path / "o.onnx"
+    assert run("prune", str(demo), "--ratio", "0", "-o", str(out), "--no-bench", "--quiet").returncode == 0
+    a = {t.name: t.SerializeToString() for t in onnx.load(demo).graph.initializer}
+    b = {t.name: t.SerializeToString() for t in onnx.load(out).graph.initializer}
+    assert a == b
+
+
+def test_plan_then_apply_equals_prune(demo: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    plan = tmp_path / "plan.json"
+    assert run("plan", str(demo), "--ratio", "0.3", "-o", str(plan)).returncode == 0
+    data = json.loads(plan.read_text())
+    assert data["model_sha256"] == sha(demo)
+    for t in data["tensors"]:
+        for ax in t["axes"]:
+            assert ax["kept"] == sorted(ax["kept"])
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    assert run("apply", str(demo), str(plan), "-o", str(a), "--quiet").returncode == 0
+    assert run("prune", str(demo), "--ratio", "0.3", "-o", str(b), "--no-bench", "--quiet").returncode == 0
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_apply_refuses_another_model(demo: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    plan = tmp_path / "plan.json"
+    assert run("plan", str(demo), "-o", str(plan)).returncode == 0
+    other = tmp_path / "other.onnx"
+    m = onnx.load(demo)
+    m.doc_string = "changed"
+    onnx.save(m, other)
+    assert_refused(run("apply", str(other), str(plan), "-o", str(tmp_path / "x.onnx")))
+
+
+def test_corrupted_plan_fails_oracle_and_writes_nothing(demo: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    plan = tmp_path / "plan.json"
+    assert run("plan", str(demo), "-o", str(plan)).returncode == 0
+    data = json.loads(plan.read_text())
+    # Keep the wrong channels in one 3x3 conv consumer (its inputs are rarely all-zero after
+    # ReLU, unlike a squeeze-excite's 1x1 features): shapes still fit, numbers do not.
+    for t in data["tensors"]:
+        spatial = len(t["shape"]) == 4 and t["shape"][2] > 1
+        ax = next((a for a in t["axes"] if a["roles"] == ["in"]), None) if spatial else None
+        if ax is not None:
+            dropped = sorted(set(range(t["shape"][ax["axis"]])) - set(ax["kept"]))
+            ax["kept"] = sorted(ax["kept"][1:] + dropped[:1])
+            break
+    plan.write_text(json.dumps(data))
+    out = tmp_path / "x.onnx"
+    proc = run("apply", str(demo), str(plan), "-o", str(out))
+    assert proc.returncode == 1, proc.stderr
+    assert "oracle" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_refuses_to_overwrite_input_without_in_place(demo: pathlib.Path) -> None:
+    assert_refused(run("prune", str(demo), "-o", str(demo), "--no-bench"))
+    before = sha(demo)
+    proc = run("prune", str(demo), "-o", str(demo), "--in-place", "--no-bench", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert sha(demo) != before
+    onnx.checker.check_model(str(demo), full_check=True)
+
+
+def _bad_inputs(tmp: pathlib.Path) -> dict[str, pathlib.Path | str]:
+    (tmp / "empty.onnx").write_bytes(b"")
+    (tmp / "text.onnx").write_text("hello, I am not a model\n")
+    data = DEMO.read_bytes()
+    (tmp / "truncated.onnx").write_bytes(data[: len(data) // 2])
+    (tmp / "nograph.onnx").write_bytes(onnx.ModelProto(ir_version=8).SerializeToString())
+    m = onnx.load(DEMO)
+    m.graph.node[0].domain = "com.example.unknown"
+    m.opset_import.add(domain="com.example.unknown", version=1)
+    onnx.save(m, tmp / "domain.onnx")
+    m = onnx.load(DEMO)
+    m.opset_import[0].version = 30
+    onnx.save(m, tmp / "opset.onnx")
+    os.mkfifo(tmp / "fifo.onnx")
+    (tmp / "dir.onnx").mkdir()
+    return {
+        "missing": tmp / "nope.onnx",
+        "directory": tmp / "dir.onnx",
+        "empty": tmp / "empty.onnx",
+        "text": tmp / "text.onnx",
+        "truncated": tmp / "truncated.onnx",
+        "no graph": tmp / "nograph.onnx",
+        "unknown domain": tmp / "domain.onnx",
+        "unknown opset": tmp / "opset.onnx",
+        "fifo": tmp / "fifo.onnx",
+        "device": "/dev/zero",
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing", "directory", "empty", "text", "truncated", "no graph", "unknown domain", "unknown opset", "fifo", "device"],
+)
+@pytest.mark.parametrize("command", ["prune", "inspect"])
+def test_bad_input_is_one_line_exit_2(tmp_path: pathlib.Path, case: str, command: str) -> None:
+    path = _bad_inputs(tmp_path)[case]
+    args = [command, str(path)] + (["-o", str(tmp_path / "o.onnx")] if command == "prune" else [])
+    assert_refused(run(*args, timeout=60))
+
+
+@pytest.mark.parametrize("ratio", ["1", "1.5", "-0.1"])
+def test_bad_ratio(demo: pathlib.Path, ratio: str) -> None:
+    assert_refused(run("prune", str(demo), f"--ratio={ratio}"))
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--criterion", "nonsense"],
+        ["--criterion", "taylor"],
+        ["--compensate", "data-free"],
+        ["--target", "cuda"],
+        ["--input-shape", "bad"],
+        ["--flops-target", "0"],
+        ["--round-to", "0"],
+    ],
+)
+def test_unsupported_options_are_refused(demo: pathlib.Path, args: list[str]) -> None:
+    assert_refused(run("prune", str(demo), *args))
+
+
+def test_unwritable_output(demo: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    assert_refused(run("prune", str(demo), "-o", str(tmp_path / "no" / "such" / "dir" / "o.onnx")))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_refused(run("prune", str(demo), "-o", str(blocker / "o.onnx")))
+
+
+def test_inspect_lists_groups(demo: pathlib.Path) -> None:
+    proc = run("inspect", str(demo), "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    statuses = {g["status"] for g in data["groups"]}
+    assert "prunable" in statuses and "blocked" in statuses
+    blocked = [g for g in data["groups"] if g["status"] == "blocked"]
+    assert all(g["reasons"] for g in blocked)
+    assert {r["code"] for g in blocked for r in g["reasons"]} >= {"graph_io"}
