@@ -168,8 +168,17 @@ def make_plan(analysis: Analysis, options: PruneOptions, timer: Timer | None = N
     return plan, notes
 
 
-def execute_plan(analysis: Analysis, plan: Plan, options: PruneOptions, timer: Timer | None = None, notes: dict | None = None) -> PruneResult:
-    """Surgery, verification and report. Raises VerificationError if the oracle fails."""
+def execute_plan(
+    analysis: Analysis,
+    plan: Plan,
+    options: PruneOptions,
+    timer: Timer | None = None,
+    notes: dict | None = None,
+    *,
+    blame: bool = True,
+) -> PruneResult:
+    """Surgery, verification and report. Raises VerificationError if the oracle fails
+    (naming the failing group when ``blame``: each group is then re-tried alone)."""
     timer = timer or Timer()
     model = analysis.model
     cost_before = analysis.cost.count()
@@ -177,10 +186,14 @@ def execute_plan(analysis: Analysis, plan: Plan, options: PruneOptions, timer: T
     try:
         need_ort = options.verify == "full" or options.benchmark
         original_path = workdir / "original" / "model.onnx"
+        feeds = None
         if need_ort:
             with timer("snapshot"):
                 original_path.parent.mkdir()
                 io.save_model(model, original_path)
+                # Fail fast (before surgery) if ORT cannot run the input on these shapes.
+                feeds = verify_mod.make_inputs(verify_mod.session(original_path), options.input_shapes, options.seed)
+                verify_mod.run(verify_mod.session(original_path), feeds)
         with timer("prune"):
             PrunePass(plan)(model)
         with timer("measure"):
@@ -195,10 +208,9 @@ def execute_plan(analysis: Analysis, plan: Plan, options: PruneOptions, timer: T
             with timer("verify"):
                 verify_mod.check_model_file(pruned_path)
                 if options.verify == "full":
-                    oracle = _oracle(original_path, pruned_path, plan, options)
+                    oracle = _oracle(original_path, pruned_path, plan, feeds, options if blame else None)
         if options.benchmark:
             with timer("benchmark"):
-                feeds = verify_mod.make_inputs(verify_mod.session(original_path), options.input_shapes, options.seed)
                 lb, la = verify_mod.measure_latency([original_path, pruned_path], feeds)
                 latency = (round(lb, 4), round(la, 4))
         report = _report(analysis, plan, options, cost_before, cost_after, oracle, latency, timer, notes or {})
@@ -207,7 +219,9 @@ def execute_plan(analysis: Analysis, plan: Plan, options: PruneOptions, timer: T
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _oracle(original_path: pathlib.Path, pruned_path: pathlib.Path, plan: Plan, options: PruneOptions) -> dict[str, Any]:
+def _oracle(
+    original_path: pathlib.Path, pruned_path: pathlib.Path, plan: Plan, feeds: dict[str, np.ndarray], blame: PruneOptions | None
+) -> dict[str, Any]:
     # The reference: the original with every removed consumer slice zeroed, written beside it.
     reference = ir.load(original_path)
     inits = reference.graph.initializers
@@ -217,17 +231,36 @@ def _oracle(original_path: pathlib.Path, pruned_path: pathlib.Path, plan: Plan, 
     masked_path.parent.mkdir()
     io.save_model(reference, masked_path)
     del reference, inits
-    feeds = verify_mod.make_inputs(verify_mod.session(original_path), options.input_shapes, options.seed)
     result = verify_mod.run_oracle(masked_path, pruned_path, feeds)
     inexact = sorted({g.id for g in plan.groups if g.removed and g.inexact})
     out = result.to_json() | {"inexact_groups": inexact, "asserted": not inexact}
     if not result.passed and not inexact:
+        culprit = _blame(original_path, plan, blame) if blame is not None else None
+        where = f"group {culprit}" if culprit else "the groups together (each alone passes)"
         raise VerificationError(
-            f"mask-equivalence oracle failed: max difference {result.max_abs_diff:.3g} "
-            f"(scaled {result.max_scaled_diff:.3g}); groups pruned: {', '.join(g.id for g in plan.groups if g.removed)}",
+            f"mask-equivalence oracle failed in {where}: max difference {result.max_abs_diff:.3g} "
+            f"(scaled {result.max_scaled_diff:.3g})",
+            group=culprit,
             max_diff=result.max_abs_diff,
         )
     return out
+
+
+def _blame(original_path: pathlib.Path, plan: Plan, options: PruneOptions) -> str | None:
+    """Name the first group whose pruning alone fails the oracle (re-planned on the snapshot)."""
+    quiet = dataclasses.replace(options, verify="full", benchmark=False)
+    for g in plan.groups:
+        if not g.removed:
+            continue
+        analysis = analyze(original_path)
+        if g.id not in {x.id for x in analysis.channels.groups}:
+            return None
+        single = build_plan(analysis.model, analysis.channels, {g.id: np.asarray(g.removed)})
+        try:
+            execute_plan(analysis, single, quiet, blame=False)
+        except VerificationError:
+            return g.id
+    return None
 
 
 def _report(analysis, plan, options, before, after, oracle, latency, timer, notes) -> Report:

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from spa.errors import UsageError, VerificationError
+from spa.errors import UnsupportedError, UsageError, VerificationError
 from spa.plan import Plan
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "parse_input_shapes",
     "make_inputs",
     "session",
+    "run",
     "run_oracle",
     "check_model_file",
     "measure_latency",
@@ -75,13 +76,33 @@ def parse_input_shapes(specs: Sequence[str]) -> dict[str, list[int]]:
     return out
 
 
-def session(path: str | os.PathLike, threads: int = 0) -> ort.InferenceSession:
-    """An ORT CPU session on a model file (a path: external data works at any size)."""
+def session(path: str | os.PathLike, threads: int = 0, *, pruned: bool = False) -> ort.InferenceSession:
+    """An ORT CPU session on a model file (a path: external data works at any size).
+
+    A model ORT cannot load is the input's fault (UnsupportedError: verify with
+    ``--verify check`` instead) or, for a pruned model, a verification failure.
+    """
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if pruned:
+            raise VerificationError(f"ONNX Runtime cannot load the pruned model: {first}") from e
+        raise UnsupportedError(f"ONNX Runtime cannot load the model, so it cannot be verified ({first}); use --verify check") from e
+
+
+def run(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray], *, pruned: bool = False) -> list[np.ndarray]:
+    try:
+        return sess.run(None, dict(feeds))
+    except Exception as e:  # noqa: BLE001
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if pruned:
+            raise VerificationError(f"ONNX Runtime fails to run the pruned model: {first}") from e
+        raise UsageError(f"ONNX Runtime fails to run the model on random inputs ({first}); give --input-shape NAME:DxD…") from e
 
 
 def make_inputs(sess: ort.InferenceSession, shapes: Mapping[str, Sequence[int]] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
@@ -137,10 +158,10 @@ def run_oracle(
     atol: float = ATOL,
 ) -> OracleResult:
     reference = session(reference_path)
-    pruned = session(pruned_path)
+    pruned = session(pruned_path, pruned=True)
     names = [o.name for o in reference.get_outputs()]
-    ref_out = reference.run(names, dict(feeds))
-    got_out = pruned.run(names, dict(feeds))
+    ref_out = run(reference, feeds)
+    got_out = run(pruned, feeds, pruned=True)
     per_output = {}
     worst_abs = worst_scaled = 0.0
     passed = True
@@ -179,9 +200,9 @@ def measure_latency(
 ) -> list[float]:
     """Median latency (ms) of each model, measured side by side: runs interleave round-robin,
     so machine noise hits every model alike."""
-    sessions = [session(p, threads=threads) for p in paths]
-    for s in sessions:  # warm-up
-        s.run(None, dict(feeds))
+    sessions = [session(p, threads=threads, pruned=i > 0) for i, p in enumerate(paths)]
+    for i, s in enumerate(sessions):  # warm-up, and the first run's errors named properly
+        run(s, feeds, pruned=i > 0)
     times: list[list[float]] = [[] for _ in sessions]
     start = time.perf_counter()
     rounds = 0

@@ -40,6 +40,12 @@ class GroupNormRule:
         groups = int(ctx.attr("num_groups", 0))
         if c is None or groups <= 0 or c % groups:
             return
+        # The output must carry the channels before they become units: onnx's shape inference
+        # leaves GroupNormalization-21 outputs unshaped, and a unit tied only to itself would
+        # let the channels go while the (invisible) consumers still read them.
+        if ctx.size(y, 1) != c:
+            ctx.tie(x, 1, y, 1)  # blocks x's channels (DYNAMIC_SHAPE or UNMAPPED_AXIS)
+            return
         per = c // groups
         # Channels of one group form one unit: only whole groups may go.
         ctx.tie(x, 1, x, 1, np.arange(c), (np.arange(c) // per) * per)

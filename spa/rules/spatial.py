@@ -17,12 +17,22 @@ __all__ = ["PoolRule", "PadRule", "ResizeRule"]
 
 @register("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
 class PoolRule(NoRewrite):
+    """MaxPool's Indices count positions in the flattened input, channel offset included
+    (``(n·C + c)·H·W + …``): removing a channel renumbers every later one, so channels whose
+    indices are read are frozen (DATA_DEPENDENT, like Shape)."""
+
     def couplings(self, node: ir.Node, ctx: CouplingContext) -> None:
         x = ctx.input(0)
         for y in node.outputs:  # MaxPool's Indices output has Y's shape
             if y is not None:
                 ctx.tie(x, 0, y, 0)
                 ctx.tie(x, 1, y, 1)
+        indices = ctx.output(1) if node.op_type == "MaxPool" else None
+        if indices is not None and (indices.uses() or indices.is_graph_output()):
+            ctx.block(
+                x, 1, BlockCode.DATA_DEPENDENT,
+                f"MaxPool '{ctx.name}': its Indices output '{indices.name}' encodes channel positions",
+            )
 
 
 @register("Pad")
