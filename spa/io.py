@@ -334,6 +334,7 @@ def save_model(
     source_path: str | os.PathLike[str] | None = None,
     in_place: bool = False,
     external_data: bool | None = None,
+    durable: bool = True,
 ) -> pathlib.Path:
     """Write ``model`` to ``path`` atomically and return the path written.
 
@@ -349,6 +350,8 @@ def save_model(
         external_data: ``True`` forces weights into ``<file name>.data`` beside the model,
             ``False`` forces them inline, ``None`` chooses: external when the model already
             has external tensors or its initializers total ≥ 1.8 GiB.
+        durable: flush to disk before the rename (outputs). Scratch copies that only ONNX
+            Runtime reads during verification skip it: fsync is most of their cost.
 
     The same model saved twice gives byte-identical files: the data file name is derived
     from the output name, and the temporary names never enter the content.
@@ -391,14 +394,16 @@ def save_model(
             else:
                 _save_inline(model, tmp_model)
             wrote_data = use_external and tmp_data.exists() and tmp_data.stat().st_size > 0
-            if wrote_data:
-                _fsync(tmp_data)
-            _fsync(tmp_model)
+            if durable:
+                if wrote_data:
+                    _fsync(tmp_data)
+                _fsync(tmp_model)
             # Data first, model last: once the new .onnx is visible, its data is in place.
             if wrote_data:
                 os.replace(tmp_data, data_out)
             os.replace(tmp_model, out)
-            _fsync_dir(parent)
+            if durable:
+                _fsync_dir(parent)
         except OSError as exc:
             raise OutputError(f"{out}: write failed ({_os_reason(exc)})") from exc
     finally:

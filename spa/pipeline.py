@@ -190,7 +190,7 @@ def execute_plan(
         if need_ort:
             with timer("snapshot"):
                 original_path.parent.mkdir()
-                io.save_model(model, original_path)
+                io.save_model(model, original_path, durable=False)
                 # Fail fast (before surgery) if ORT cannot run the input on these shapes.
                 feeds = verify_mod.make_inputs(verify_mod.session(original_path), options.input_shapes, options.seed)
                 verify_mod.run(verify_mod.session(original_path), feeds)
@@ -203,7 +203,7 @@ def execute_plan(
         if options.verify != "none" or options.benchmark:
             pruned_path = workdir / "pruned" / "model.onnx"
             pruned_path.parent.mkdir()
-            io.save_model(model, pruned_path)
+            io.save_model(model, pruned_path, durable=False)
         if options.verify != "none":
             with timer("verify"):
                 verify_mod.check_model_file(pruned_path)
@@ -229,7 +229,7 @@ def _oracle(
         inits[name].const_value = ir.tensor(arr, name=name)
     masked_path = original_path.parent.parent / "masked" / "model.onnx"
     masked_path.parent.mkdir()
-    io.save_model(reference, masked_path)
+    io.save_model(reference, masked_path, durable=False)
     del reference, inits
     result = verify_mod.run_oracle(masked_path, pruned_path, feeds)
     inexact = sorted({g.id for g in plan.groups if g.removed and g.inexact})
