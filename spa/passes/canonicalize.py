@@ -5,7 +5,9 @@
   shape constants in Constant nodes; rules read constants from initializers only);
 - nodes get unique non-empty names (plans and reports address nodes by name);
 - nodes are sorted topologically (the channel analysis walks in order);
-- shapes are inferred, so every rule can ask for static sizes.
+- shapes are inferred, so every rule can ask for static sizes;
+- shape arithmetic over static sizes is folded into constants (``FoldShapesPass``), so a
+  ``view(x.size(0), -1)`` or a torch RNN's zero state is a proven Reshape/Expand.
 
 Tensors are never copied or changed: only where they live (Constant → initializer). The pass
 does not touch graph inputs, outputs or initializer names, so plans keep pointing at the input
@@ -18,6 +20,8 @@ import logging
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common
+
+from spa.passes.fold_shapes import FoldShapesPass
 
 __all__ = ["CanonicalizePass"]
 
@@ -37,6 +41,10 @@ class CanonicalizePass(ir.passes.InPlacePass):
         ):
             modified |= p(model).modified
         infer_shapes(model)
+        if FoldShapesPass()(model).modified:
+            modified = True
+            common.RemoveUnusedNodesPass()(model)
+            infer_shapes(model)
         return ir.passes.PassResult(model, modified)
 
 

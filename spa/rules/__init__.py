@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from spa.rules import concat_split, conv, elementwise, linear, norm, reduce, shape, spatial  # noqa: F401
+from spa.rules import concat_split, conv, elementwise, expand, linear, norm, recurrent, reduce, shape, spatial  # noqa: F401
 from spa.rules.base import (
     Blocked,
     BlockCode,
