@@ -14,6 +14,7 @@ which folds Conv+BN in eval mode and yields plain, static-shape graphs.
 
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 import warnings
@@ -538,6 +539,92 @@ def _conv3d() -> tuple[nn.Module, tuple[int, ...]]:
     return _finish(ConvNd(3, (8, 8, 8)), (1, 3, 8, 8, 8))
 
 
+class Attention(nn.Module):
+    """Multi-head self-attention written out (Q/K/V projections, head split, softmax, merge).
+
+    ``kv_heads < heads`` gives grouped-query attention: each K/V head is shared by
+    ``heads // kv_heads`` query heads (``repeat_interleave``), as in Llama-style models.
+    """
+
+    def __init__(self, dim: int, heads: int, kv_heads: int | None = None) -> None:
+        super().__init__()
+        self.heads, self.kv_heads = heads, kv_heads or heads
+        self.head_dim = dim // heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, self.kv_heads * self.head_dim)
+        self.v = nn.Linear(dim, self.kv_heads * self.head_dim)
+        self.o = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.kv_heads != self.heads:
+            rep = self.heads // self.kv_heads
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
+        y = att.softmax(dim=-1) @ v
+        return self.o(y.transpose(1, 2).reshape(b, s, -1))
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm transformer block: LN → attention → residual, LN → MLP (GELU) → residual."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int | None = None, mlp: int = 4) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, kv_heads)
+        self.fc1, self.fc2 = nn.Linear(dim, mlp * dim), nn.Linear(mlp * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.ln2(x))))
+
+
+class Encoder(nn.Module):
+    """Two encoder blocks over [1, S, D] embeddings, a final LN and a linear head."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, kv_heads: int | None = None) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*(EncoderBlock(dim, heads, kv_heads) for _ in range(2)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.blocks(x)))
+
+
+class LSTMNet(nn.Module):
+    """Linear → 2-layer bidirectional LSTM → Linear over [1, T, F] sequences."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(12, 16)
+        self.rnn = nn.LSTM(16, 24, num_layers=2, batch_first=True, bidirectional=True)
+        self.out = nn.Linear(48, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, _ = self.rnn(torch.relu(self.inp(x)))
+        return self.out(y)
+
+
+def _transformer() -> tuple[nn.Module, tuple[int, ...]]:
+    torch.manual_seed(0)
+    return _finish(Encoder(), (1, 8, 32))
+
+
+def _gqa() -> tuple[nn.Module, tuple[int, ...]]:
+    torch.manual_seed(0)
+    return _finish(Encoder(dim=32, heads=4, kv_heads=2), (1, 8, 32))
+
+
+def _lstm() -> tuple[nn.Module, tuple[int, ...]]:
+    torch.manual_seed(0)
+    return _finish(LSTMNet(), (1, 7, 12))
+
+
 BUILDERS: dict[str, Builder] = {
     "resnet": _resnet,
     "densenet": _densenet,
@@ -549,6 +636,9 @@ BUILDERS: dict[str, Builder] = {
     "resnet50": _resnet50,
     "conv1d": _conv1d,
     "conv3d": _conv3d,
+    "transformer": _transformer,
+    "gqa": _gqa,
+    "lstm": _lstm,
 }
 
 #: All zoo names, in a stable order.

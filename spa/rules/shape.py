@@ -4,7 +4,9 @@ Reshape and Flatten are proven from static shapes, never guessed (Torch-Pruning 
 and breaks): input and output dims are cut into *segments* whose element counts match.
 - one axis ↔ one axis of equal size: identity;
 - one axis ↔ several (a split, e.g. channel shuffle C → [g, C/g]): one output axis carries the
-  channel index — the largest, innermost on ties — and the others keep their size;
+  channel index and the others keep their size. A split that feeds attention (it reaches a
+  MatMul of two activations through layout ops) is a head split: the outer axis (heads)
+  carries, so whole heads are the units; otherwise the largest axis, innermost on ties;
 - several ↔ one (a merge, e.g. Flatten [C, H, W] → [C·H·W]): the carrier is the input axis
   already tied to weights upstream (so NCHW and NHWC both work), else the outermost; each
   carrier channel owns a contiguous-stride block of the merged axis;
@@ -23,7 +25,7 @@ import onnx_ir as ir
 from spa.rules._util import int_list_input_or_attr
 from spa.rules.base import BlockCode, CouplingContext, NoRewrite, RewriteContext, register
 
-__all__ = ["TransposeRule", "SqueezeRule", "UnsqueezeRule", "ReshapeRule", "ShapeRule", "segments"]
+__all__ = ["TransposeRule", "SqueezeRule", "UnsqueezeRule", "ReshapeRule", "ShapeRule", "TileRule", "segments"]
 
 
 @register("Transpose")
@@ -182,8 +184,33 @@ def tie_reshape(ctx: CouplingContext, x: ir.Value, y: ir.Value) -> None:
                 ctx.block(y, j, BlockCode.INDIVISIBLE, reason)
 
 
+_LAYOUT_OPS = frozenset({"Transpose", "Identity", "Cast", "Unsqueeze", "Tile", "Expand", "Reshape", "Mul", "Div"})
+
+
+def _feeds_attention(value: ir.Value, depth: int = 6) -> bool:
+    """Whether ``value`` reaches a MatMul of two activations through layout-only ops.
+
+    Read-only look-ahead: a head split ([.., D] → [.., heads, head_dim]) is followed by
+    transposes (and, for grouped-query attention, a repeat) before Q·Kᵀ or P·V.
+    """
+    frontier = [value]
+    for _ in range(depth):
+        nxt = []
+        for v in frontier:
+            for node in v.consumers():
+                if node.op_type == "MatMul" and all(i is not None and i.const_value is None for i in node.inputs):
+                    return True
+                if node.op_type in _LAYOUT_OPS:
+                    nxt.extend(node.outputs)
+        frontier = nxt
+    return False
+
+
 def _tie_split(ctx: CouplingContext, x: ir.Value, axis: int, y: ir.Value, outs: list[int], sizes: list[int]) -> None:
-    k = max(range(len(sizes)), key=lambda t: (sizes[t], t))  # largest, innermost on ties
+    if _feeds_attention(y):
+        k = 0  # heads: whole heads are the units
+    else:
+        k = max(range(len(sizes)), key=lambda t: (sizes[t], t))  # largest, innermost on ties
     stride = _strides(sizes)[k]
     channels = np.arange(math.prod(sizes))
     ctx.tie(x, axis, y, outs[k], channels, (channels // stride) % sizes[k])
@@ -255,3 +282,24 @@ class ShapeRule(NoRewrite):
                 ctx.block(x, ax, BlockCode.DATA_DEPENDENT, f"Shape '{ctx.name}' reports the size of axis {ax} of '{x.name}'")
             else:
                 ctx.allow(x, ax)
+
+
+@register("Tile")
+class TileRule(NoRewrite):
+    """Copy k of a tiled axis is channel i of the input again: removing i removes every copy."""
+
+    def couplings(self, node: ir.Node, ctx: CouplingContext) -> None:
+        x, y = ctx.input(0), ctx.output(0)
+        rank = ctx.rank(x)
+        repeats = ctx.const(ctx.input(1))
+        if repeats is None:
+            ctx.block_all(BlockCode.DATA_DEPENDENT, f"Tile '{ctx.name}': repeats are not constant")
+            return
+        if rank is None:
+            return
+        for ax, rep in enumerate(int(r) for r in repeats.reshape(-1)):
+            n = ctx.size(x, ax)
+            if rep == 1:
+                ctx.tie(x, ax, y, ax)
+            elif n is not None:
+                ctx.tie(x, ax, y, ax, np.tile(np.arange(n), rep), np.arange(n * rep))
