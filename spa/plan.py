@@ -178,7 +178,7 @@ def build_plan(
 
     opset = model.opset_imports.get("", 0)
     rewrites: list[AttrRewrite | ConstRewrite] = []
-    for node in graph:
+    for node in graph.all_nodes():
         if not (cg.node_dims.get(node.name, set()) & kept_by_dim.keys()):
             continue
         rule = rules_base.get_rule(node.domain, node.op_type)

@@ -100,17 +100,14 @@ def _opset(model: ir.Model) -> int:
     return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
 
 
-def _subgraph_captures(graph: ir.Graph) -> set[str]:
-    """Names of top-level values read from inside an If/Loop/Scan body."""
-    top = set(graph)
-    captured: set[str] = set()
-    for node in graph.all_nodes():
-        if node in top:
-            continue
-        for v in node.inputs:
-            if v is not None and v.graph is graph:
-                captured.add(v.name)
-    return captured
+def _subgraphs(node: ir.Node) -> list[ir.Graph]:
+    graphs = []
+    for attr in node.attributes.values():
+        if attr.type == ir.AttributeType.GRAPH:
+            graphs.append(attr.as_graph())
+        elif attr.type == ir.AttributeType.GRAPHS:
+            graphs.extend(attr.as_graphs())
+    return graphs
 
 
 def _static_rank_dims(value: ir.Value) -> list[int]:
@@ -134,11 +131,19 @@ def analyze_channels(model: ir.Model) -> ChannelGraph:
         blocks.append(
             (io_value.name, None, Blocked(BlockCode.GRAPH_IO, f"'{io_value.name}' is a graph input or output: its shape is the model's interface", None, io_value.name))
         )
-    for name in sorted(_subgraph_captures(graph)):
-        blocks.append((name, None, Blocked(BlockCode.SUBGRAPH, f"'{name}' is read inside a subgraph (If/Loop/Scan body)", None, name)))
+    # Subgraph bodies are walked like the main graph (a value an inner node reads is mapped by
+    # that node's rule). What crosses a body's own inputs/outputs is frozen, unless the op's
+    # rule maps it (``owns_subgraphs``: If ties each branch output to its own output).
+    for node in graph.all_nodes():
+        rule = rules_base.get_rule(node.domain, node.op_type)
+        if getattr(rule, "owns_subgraphs", False):
+            continue
+        for sub in _subgraphs(node):
+            for v in (*sub.inputs, *sub.outputs):
+                blocks.append((v.name, None, Blocked(BlockCode.SUBGRAPH, f"'{v.name}' crosses the boundary of a {node.op_type} body ('{node.name}')", node.name, v.name)))
 
     hint = _WeightedDims()
-    for node in graph:
+    for node in graph.all_nodes():
         ctx = CouplingContext(node, opset=opset, is_constant=is_constant, is_channel=hint.weighted)
         rule = rules_base.get_rule(node.domain, node.op_type)
         if rule is None:
@@ -300,7 +305,7 @@ def _dedupe(reasons: list[Blocked]) -> list[Blocked]:
 def _all_values(graph: ir.Graph):
     yield from graph.inputs
     yield from graph.initializers.values()
-    for node in graph:
+    for node in graph.all_nodes():
         for v in node.outputs:
             yield v
         for v in node.inputs:

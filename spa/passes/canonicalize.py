@@ -2,7 +2,8 @@
 
 - model-local functions are inlined (their bodies are ordinary nodes to the rules);
 - every Constant node becomes an initializer (PaddlePaddle and torch exports keep weights and
-  shape constants in Constant nodes; rules read constants from initializers only);
+  shape constants in Constant nodes; rules read constants from initializers only), and
+  initializers of If/Loop bodies move to the main graph (surgery edits one table);
 - nodes get unique non-empty names (plans and reports address nodes by name);
 - nodes are sorted topologically (the channel analysis walks in order);
 - shapes are inferred, so every rule can ask for static sizes;
@@ -36,6 +37,7 @@ class CanonicalizePass(ir.passes.InPlacePass):
         for p in (
             common.InlinePass(),
             common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+            common.LiftSubgraphInitializersToMainGraphPass(),
             common.NameFixPass(),
             common.TopologicalSortPass(),
         ):

@@ -57,7 +57,7 @@ class PrunePass(ir.passes.InPlacePass):
             value.shape = ir.Shape(new.shape)
             logger.debug("sliced %s to %s", edit.name, new.shape)
 
-        nodes = {n.name: n for n in graph}
+        nodes = {n.name: n for n in graph.all_nodes()}
         for rw in self.plan.rewrites:
             node = nodes.get(rw.node)
             if node is None:
@@ -68,7 +68,7 @@ class PrunePass(ir.passes.InPlacePass):
                 _set_const_input(graph, node, rw)
 
         io = {v.name for v in (*graph.inputs, *graph.outputs)}
-        for node in graph:
+        for node in graph.all_nodes():
             for v in node.outputs:
                 if v.name not in io:
                     v.shape = None

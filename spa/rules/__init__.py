@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-from spa.rules import concat_split, conv, elementwise, expand, linear, norm, recurrent, reduce, shape, spatial  # noqa: F401
+from spa.rules import (  # noqa: F401  (registration)
+    concat_split,
+    control_flow,
+    conv,
+    elementwise,
+    expand,
+    linear,
+    norm,
+    recurrent,
+    reduce,
+    shape,
+    spatial,
+)
 from spa.rules.base import (
     Blocked,
     BlockCode,
