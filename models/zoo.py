@@ -610,6 +610,38 @@ class LSTMNet(nn.Module):
         return self.out(y)
 
 
+class Bert(nn.Module):
+    """Token ids → embedding + learned positions → two encoder blocks → LN → classifier.
+
+    The hidden size reaches no graph input here (ids are integers), so it is prunable when
+    the user accepts the inexact LayerNorm coupling.
+    """
+
+    vocab = 50
+
+    def __init__(self, dim: int = 32, seq: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(self.vocab, dim)
+        self.pos = nn.Parameter(torch.randn(1, seq, dim) * 0.02)
+        self.encoder = Encoder(dim=dim, heads=4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.encoder(self.embed(ids) + self.pos)
+
+
+def sample_input(name: str, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """A deterministic example input: token ids for token models, N(0, 1) otherwise."""
+    g = torch.Generator().manual_seed(seed)
+    if name in TOKEN_MODELS:
+        return torch.randint(0, Bert.vocab, shape, generator=g)
+    return torch.randn(*shape, generator=g)
+
+
+def _bert() -> tuple[nn.Module, tuple[int, ...]]:
+    torch.manual_seed(0)
+    return _finish(Bert(), (1, 8))
+
+
 def _transformer() -> tuple[nn.Module, tuple[int, ...]]:
     torch.manual_seed(0)
     return _finish(Encoder(), (1, 8, 32))
@@ -639,7 +671,11 @@ BUILDERS: dict[str, Builder] = {
     "transformer": _transformer,
     "gqa": _gqa,
     "lstm": _lstm,
+    "bert": _bert,
 }
+
+#: Models whose input is token ids (int64) rather than a float tensor.
+TOKEN_MODELS: frozenset[str] = frozenset({"bert"})
 
 #: All zoo names, in a stable order.
 NAMES: tuple[str, ...] = tuple(BUILDERS)
@@ -673,7 +709,7 @@ def export(
     model, shape = build(name)
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    dummy = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    dummy = sample_input(name, shape, seed=0)
     dynamic_axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
     with warnings.catch_warnings():
         # The TorchScript exporter is deprecated in favour of dynamo; it is what we want here

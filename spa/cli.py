@@ -90,13 +90,18 @@ def _common_prune_options(f):
         click.option("--flops-target", type=float, default=None, help="Keep ≤ F of the original FLOPs (searches the ratio)."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:1x3x224x224", help="Shape for an input with dynamic dims (repeatable)."),
+        click.option(
+            "--allow-inexact",
+            is_flag=True,
+            help="Also prune channels that LayerNorm/RMSNorm mix (a transformer's hidden size). Not exact: the report says which groups.",
+        ),
     ]
     for o in reversed(options):
         f = o(f)
     return f
 
 
-def _options(ratio, criterion, allocation, min_keep, round_to, flops_target, seed, input_shapes, verify="full", bench=True) -> PruneOptions:
+def _options(ratio, criterion, allocation, min_keep, round_to, flops_target, seed, input_shapes, allow_inexact, verify="full", bench=True) -> PruneOptions:
     if criterion in PLANNED_CRITERIA:
         raise UnsupportedError(f"criterion '{criterion}' is not available yet (available: {', '.join(sorted(CRITERIA))})")
     opts = PruneOptions(
@@ -108,6 +113,7 @@ def _options(ratio, criterion, allocation, min_keep, round_to, flops_target, see
         flops_target=flops_target,
         seed=seed,
         input_shapes=parse_input_shapes(input_shapes),
+        allow_inexact=allow_inexact,
         verify=verify,
         benchmark=bench,
     )
@@ -186,18 +192,18 @@ def cli(verbose: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report JSON on stdout (for build scripts).")
 @click.option("--quiet", is_flag=True, help="Print nothing on success.")
 @click.option("--in-place", is_flag=True, help="Allow writing over the input file.")
-def prune(model, output, ratio, criterion, allocation, min_keep, round_to, flops_target, seed, input_shapes, compensate, calibration, target, verify, no_bench, report_path, as_json, quiet, in_place) -> None:
+def prune(model, output, ratio, criterion, allocation, min_keep, round_to, flops_target, seed, input_shapes, allow_inexact, compensate, calibration, target, verify, no_bench, report_path, as_json, quiet, in_place) -> None:
     """Prune MODEL and write the smaller model."""
     with _errors():
         if compensate != "none":
             raise UnsupportedError(f"--compensate {compensate} is not available yet (only 'none')")
         if target != "onnx":
             raise UnsupportedError(f"--target {target} is not available yet (only 'onnx')")
-        opts = _options(ratio, criterion, allocation, min_keep, round_to, flops_target, seed, input_shapes, verify, not no_bench)
+        opts = _options(ratio, criterion, allocation, min_keep, round_to, flops_target, seed, input_shapes, allow_inexact, verify, not no_bench)
         out_path = _check_output(model, output, in_place)
         with _Progress(not (quiet or as_json)) as on_stage:
             timer = Timer(on_stage)
-            analysis = analyze(model, timer)
+            analysis = analyze(model, timer, allow_inexact=allow_inexact)
             plan, notes = make_plan(analysis, opts, timer)
             result = execute_plan(analysis, plan, opts, timer, notes)
             with timer("save"):
@@ -261,14 +267,14 @@ def inspect(model, as_json, show_all) -> None:
 @click.argument("model", type=click.Path(dir_okay=True))
 @click.option("-o", "--output", type=click.Path(), required=True, help="Where to write the plan JSON.")
 @_common_prune_options
-def plan_cmd(model, output, ratio, criterion, allocation, min_keep, round_to, flops_target, seed, input_shapes) -> None:
+def plan_cmd(model, output, ratio, criterion, allocation, min_keep, round_to, flops_target, seed, input_shapes, allow_inexact) -> None:
     """Decide what to prune (no surgery) and write the plan as JSON."""
     with _errors():
-        opts = _options(ratio, criterion, allocation, min_keep, round_to, flops_target, seed, input_shapes)
+        opts = _options(ratio, criterion, allocation, min_keep, round_to, flops_target, seed, input_shapes, allow_inexact)
         out_path = pathlib.Path(output)
         if not out_path.resolve().parent.is_dir():
             raise OutputError(f"cannot write '{output}': folder does not exist")
-        a = analyze(model)
+        a = analyze(model, allow_inexact=allow_inexact)
         plan, _ = make_plan(a, opts)
         out_path.write_text(plan.dumps() + "\n")
         pruned = sum(1 for g in plan.groups if g.removed)

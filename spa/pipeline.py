@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 import pathlib
@@ -53,6 +54,7 @@ class PruneOptions:
     flops_target: float | None = None
     seed: int = 0
     input_shapes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    allow_inexact: bool = False
     verify: str = "full"
     benchmark: bool = True
 
@@ -67,7 +69,7 @@ class PruneOptions:
 
     def plan_options(self) -> dict[str, Any]:
         """The options that decide the plan (recorded in it; verification ones are not)."""
-        keys = ("ratio", "criterion", "allocation", "min_keep", "round_to", "flops_target", "seed")
+        keys = ("ratio", "criterion", "allocation", "min_keep", "round_to", "flops_target", "seed", "allow_inexact")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -105,21 +107,35 @@ def load(source: ModelSource) -> tuple[ir.Model, str, str | None]:
     return io.load_model(source), "<onnx.ModelProto>", None
 
 
-def analyze(source: ModelSource, timer: Timer | None = None) -> Analysis:
+def analyze(source: ModelSource, timer: Timer | None = None, *, allow_inexact: bool = False) -> Analysis:
     timer = timer or Timer()
     with timer("load"):
         model, desc, sha = load(source)
     with timer("canonicalize"):
         CanonicalizePass()(model)
     with timer("analyze"):
-        channels = analyze_channels(model)
+        channels = analyze_channels(model, allow_inexact=allow_inexact)
         cost = CostModel(model)
     return Analysis(model, desc, sha, channels, cost)
 
 
 def _weight_reader(model: ir.Model) -> Callable[[str], np.ndarray]:
+    """Read an initializer for scoring without leaving external weights mapped in memory.
+
+    An external tensor's ``numpy()`` is a view of the memory-mapped file: its pages would stay
+    resident until surgery. Copy the one tensor being scored and release the mapping.
+    """
     inits = model.graph.initializers
-    return lambda name: inits[name].const_value.numpy()
+
+    def read(name: str) -> np.ndarray:
+        tensor = inits[name].const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            array = np.array(tensor.numpy())
+            tensor.release()
+            return array
+        return tensor.numpy()
+
+    return read
 
 
 def _size_fn(cg: ChannelGraph, removed: Mapping[str, np.ndarray]) -> Callable[[str, int], int | None]:
@@ -192,8 +208,10 @@ def execute_plan(
                 original_path.parent.mkdir()
                 io.save_model(model, original_path, durable=False)
                 # Fail fast (before surgery) if ORT cannot run the input on these shapes.
-                feeds = verify_mod.make_inputs(verify_mod.session(original_path), options.input_shapes, options.seed)
-                verify_mod.run(verify_mod.session(original_path), feeds)
+                sess = verify_mod.session(original_path)
+                feeds = verify_mod.make_inputs(sess, options.input_shapes, options.seed)
+                verify_mod.run(sess, feeds)
+                del sess
         with timer("prune"):
             PrunePass(plan)(model)
         with timer("measure"):
@@ -224,13 +242,12 @@ def _oracle(
 ) -> dict[str, Any]:
     # The reference: the original with every removed consumer slice zeroed, written beside it.
     reference = ir.load(original_path)
-    inits = reference.graph.initializers
-    for name, arr in verify_mod.masked_weights(plan, lambda n: inits[n].const_value.numpy()).items():
-        inits[name].const_value = ir.tensor(arr, name=name)
+    verify_mod.mask_model(reference, plan)
     masked_path = original_path.parent.parent / "masked" / "model.onnx"
     masked_path.parent.mkdir()
     io.save_model(reference, masked_path, durable=False)
-    del reference, inits
+    del reference
+    gc.collect()  # onnx-ir's reference cycles would keep the masked weights alive
     result = verify_mod.run_oracle(masked_path, pruned_path, feeds)
     inexact = sorted({g.id for g in plan.groups if g.removed and g.inexact})
     out = result.to_json() | {"inexact_groups": inexact, "asserted": not inexact}
@@ -252,7 +269,7 @@ def _blame(original_path: pathlib.Path, plan: Plan, options: PruneOptions) -> st
     for g in plan.groups:
         if not g.removed:
             continue
-        analysis = analyze(original_path)
+        analysis = analyze(original_path, allow_inexact=options.allow_inexact)
         if g.id not in {x.id for x in analysis.channels.groups}:
             return None
         single = build_plan(analysis.model, analysis.channels, {g.id: np.asarray(g.removed)})
@@ -301,7 +318,7 @@ def prune(source: ModelSource, *, timer: Timer | None = None, **kwargs: Any) -> 
     options = kwargs.pop("options", None) or PruneOptions(**kwargs)
     options.validate()
     timer = timer or Timer()
-    analysis = analyze(source, timer)
+    analysis = analyze(source, timer, allow_inexact=options.allow_inexact)
     plan, notes = make_plan(analysis, options, timer)
     return execute_plan(analysis, plan, options, timer, notes)
 
@@ -310,7 +327,7 @@ def apply(source: ModelSource, plan: Plan, *, timer: Timer | None = None, **kwar
     """Replay ``plan`` on the model it was made for (checked by sha256 when both know it)."""
     options = kwargs.pop("options", None) or PruneOptions(**{**plan.options, **kwargs})
     timer = timer or Timer()
-    analysis = analyze(source, timer)
+    analysis = analyze(source, timer, allow_inexact=options.allow_inexact)
     if plan.model_sha256 and analysis.sha256 and plan.model_sha256 != analysis.sha256:
         raise PlanMismatchError(
             f"the plan was made for a model with sha256 {plan.model_sha256[:12]}…, this one is {analysis.sha256[:12]}…"

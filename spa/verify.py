@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
-import onnxruntime as ort
+import onnx_ir as ir
 
 from spa.errors import UnsupportedError, UsageError, VerificationError
 from spa.plan import Plan
@@ -76,14 +76,19 @@ def parse_input_shapes(specs: Sequence[str]) -> dict[str, list[int]]:
     return out
 
 
-def session(path: str | os.PathLike, threads: int = 0, *, pruned: bool = False) -> ort.InferenceSession:
+def session(path: str | os.PathLike, threads: int = 0, *, pruned: bool = False):
     """An ORT CPU session on a model file (a path: external data works at any size).
 
     A model ORT cannot load is the input's fault (UnsupportedError: verify with
     ``--verify check`` instead) or, for a pruned model, a verification failure.
     """
+    import onnxruntime as ort  # imported when verifying only: it is ~20 MB of resident memory
+
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    # Idle worker threads spin by default; with sessions alternating on few cores a spinning
+    # session steals CPU from the one being timed.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         so.intra_op_num_threads = threads
     try:
@@ -95,7 +100,7 @@ def session(path: str | os.PathLike, threads: int = 0, *, pruned: bool = False) 
         raise UnsupportedError(f"ONNX Runtime cannot load the model, so it cannot be verified ({first}); use --verify check") from e
 
 
-def run(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray], *, pruned: bool = False) -> list[np.ndarray]:
+def run(sess, feeds: Mapping[str, np.ndarray], *, pruned: bool = False) -> list[np.ndarray]:
     try:
         return sess.run(None, dict(feeds))
     except Exception as e:  # noqa: BLE001
@@ -105,7 +110,7 @@ def run(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray], *, pruned: 
         raise UsageError(f"ONNX Runtime fails to run the model on random inputs ({first}); give --input-shape NAME:DxD…") from e
 
 
-def make_inputs(sess: ort.InferenceSession, shapes: Mapping[str, Sequence[int]] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+def make_inputs(sess, shapes: Mapping[str, Sequence[int]] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded random inputs; symbolic dims are 1 on axis 0 and 16 elsewhere unless given."""
     rng = np.random.default_rng(seed)
     feeds = {}
@@ -132,21 +137,36 @@ def make_inputs(sess: ort.InferenceSession, shapes: Mapping[str, Sequence[int]] 
     return feeds
 
 
+def _masked(array: np.ndarray, edit) -> np.ndarray:
+    out = np.array(array, copy=True)
+    for a, roles in edit.roles.items():
+        if "in" not in roles:
+            continue
+        removed = np.setdiff1d(np.arange(edit.shape[a]), np.asarray(edit.kept[a], dtype=np.int64))
+        idx = [slice(None)] * out.ndim
+        idx[a] = removed
+        out[tuple(idx)] = 0
+    return out
+
+
 def masked_weights(plan: Plan, load) -> dict[str, np.ndarray]:
     """Original initializers with every removed IN slice zeroed (the oracle's reference)."""
-    out = {}
+    return {e.name: _masked(load(e.name), e) for e in plan.tensors if any("in" in r for r in e.roles.values())}
+
+
+def mask_model(model: ir.Model, plan: Plan) -> None:
+    """Zero every removed IN slice of ``model``'s initializers, lazily: each masked tensor is
+    computed when it is saved, so only one is in memory at a time."""
+    inits = model.graph.initializers
     for edit in plan.tensors:
-        in_axes = [a for a, roles in edit.roles.items() if "in" in roles]
-        if not in_axes:
+        if not any("in" in r for r in edit.roles.values()):
             continue
-        arr = np.array(load(edit.name), copy=True)
-        for a in in_axes:
-            removed = np.setdiff1d(np.arange(edit.shape[a]), np.asarray(edit.kept[a], dtype=np.int64))
-            idx = [slice(None)] * arr.ndim
-            idx[a] = removed
-            arr[tuple(idx)] = 0
-        out[edit.name] = arr
-    return out
+        source = inits[edit.name].const_value
+
+        def compute(source=source, edit=edit) -> ir.Tensor:
+            return ir.tensor(_masked(source.numpy(), edit), name=edit.name)
+
+        inits[edit.name].const_value = ir.LazyTensor(compute, dtype=source.dtype, shape=source.shape, name=edit.name)
 
 
 def run_oracle(
@@ -158,10 +178,10 @@ def run_oracle(
     atol: float = ATOL,
 ) -> OracleResult:
     reference = session(reference_path)
-    pruned = session(pruned_path, pruned=True)
     names = [o.name for o in reference.get_outputs()]
     ref_out = run(reference, feeds)
-    got_out = run(pruned, feeds, pruned=True)
+    del reference  # one model in memory at a time
+    got_out = run(session(pruned_path, pruned=True), feeds, pruned=True)
     per_output = {}
     worst_abs = worst_scaled = 0.0
     passed = True

@@ -43,7 +43,7 @@ def test_zoo_prunes_exactly(zoo_onnx: Callable[..., pathlib.Path], name: str, al
     onnx.checker.check_model(str(out), full_check=True)
     original, pruned = onnx.load(path), onnx.load(out)
     assert [str(o.type) for o in original.graph.output] == [str(o.type) for o in pruned.graph.output]
-    x = np.random.default_rng(0).standard_normal(zoo.build(name)[1]).astype(np.float32)
+    x = zoo.sample_input(name, zoo.build(name)[1]).numpy()
     (y,) = _outputs(out, {"input": x})
     assert np.isfinite(y).all()
 
@@ -89,3 +89,28 @@ def test_inputs_from_memory(zoo_onnx) -> None:
     r2 = spa.prune(model, ratio=0.5, benchmark=False)
     assert proto.SerializeToString() == before  # the caller's model is untouched
     assert r1.report.flops_after == r2.report.flops_after
+
+
+def test_transformer_heads_and_mlp(zoo_onnx) -> None:
+    result = spa.prune(zoo_onnx("transformer"), ratio=0.5, benchmark=False)
+    layers = {layer["weight"]: layer for layer in result.report.layers}
+    # Q, K, V lose whole heads (4 heads × 8 → 2 heads), the MLP loses half its width.
+    assert sorted(v["kept"] for v in layers.values()) == [16] * 6 + [64] * 2
+    assert result.report.oracle["passed"] and result.report.oracle["asserted"]
+
+
+def test_gqa_removes_kv_heads_with_their_query_heads(zoo_onnx) -> None:
+    result = spa.prune(zoo_onnx("gqa"), ratio=0.5, benchmark=False)
+    kept = sorted((layer["channels"], layer["kept"]) for layer in result.report.layers)
+    assert (32, 16) in kept and (16, 8) in kept  # 4→2 query heads, 2→1 KV heads
+    assert result.report.oracle["passed"]
+
+
+def test_hidden_size_only_with_allow_inexact(zoo_onnx) -> None:
+    path = zoo_onnx("bert")
+    exact = spa.prune(path, ratio=0.5, benchmark=False)
+    assert any(r["code"] == "channel_mixing" for b in exact.report.blocked for r in b["reasons"])
+    loose = spa.prune(path, ratio=0.5, benchmark=False, allow_inexact=True)
+    assert loose.report.flops_after < exact.report.flops_after
+    assert loose.report.oracle["inexact_groups"] and not loose.report.oracle["asserted"]
+    assert "embed.weight" in {layer["weight"] for layer in loose.report.layers}

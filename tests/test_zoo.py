@@ -20,7 +20,7 @@ PARAMS = [
 
 def _ort_vs_torch(path: pathlib.Path, name: str, batch: int = 1) -> None:
     model, shape = zoo.build(name)
-    x = torch.randn(batch, *shape[1:], generator=torch.Generator().manual_seed(1))
+    x = zoo.sample_input(name, (batch, *shape[1:]), seed=1)
     with torch.no_grad():
         expected = model(x).numpy()
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -116,8 +116,13 @@ def _static_rank_dims(value: ir.Value) -> list[int]:
     return [i for i, d in enumerate(value.shape) if isinstance(d, int)]
 
 
-def analyze_channels(model: ir.Model) -> ChannelGraph:
-    """Run every node's rule and build units and groups. Expects canonicalized, shape-inferred IR."""
+def analyze_channels(model: ir.Model, *, allow_inexact: bool = False) -> ChannelGraph:
+    """Run every node's rule and build units and groups. Expects canonicalized, shape-inferred IR.
+
+    ``allow_inexact`` lets rules couple through ops that mix channels without weights
+    (LayerNorm over the hidden axis, RMSNorm's mean of squares): such groups are marked
+    inexact and the oracle reports them instead of asserting.
+    """
     graph = model.graph
     opset = _opset(model)
     ties: list[Tie] = []
@@ -144,7 +149,7 @@ def analyze_channels(model: ir.Model) -> ChannelGraph:
 
     hint = _WeightedDims()
     for node in graph.all_nodes():
-        ctx = CouplingContext(node, opset=opset, is_constant=is_constant, is_channel=hint.weighted)
+        ctx = CouplingContext(node, opset=opset, is_constant=is_constant, is_channel=hint.weighted, allow_inexact=allow_inexact)
         rule = rules_base.get_rule(node.domain, node.op_type)
         if rule is None:
             ctx.block_all(BlockCode.NO_RULE, f"no channel rule for {node.domain + '::' if node.domain else ''}{node.op_type} ('{ctx.name}')")

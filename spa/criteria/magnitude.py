@@ -11,11 +11,10 @@ __all__ = ["L1", "L2"]
 
 
 def _slice_sums(w: np.ndarray, axis: int, p: int) -> np.ndarray:
-    a = np.abs(w.astype(np.float64, copy=False))
-    if p == 2:
-        a = a * a
+    """Σ|w|^p over every axis but ``axis``, accumulated in float64 without a float64 copy."""
+    a = np.square(w) if p == 2 else np.abs(w)
     other = tuple(i for i in range(w.ndim) if i != axis)
-    return a.sum(axis=other) if other else a
+    return a.sum(axis=other, dtype=np.float64) if other else a.astype(np.float64)
 
 
 @register_criterion

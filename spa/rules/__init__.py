@@ -8,6 +8,7 @@ from spa.rules import (  # noqa: F401  (registration)
     conv,
     elementwise,
     expand,
+    gather,
     linear,
     norm,
     recurrent,

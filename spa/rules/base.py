@@ -152,11 +152,15 @@ class CouplingContext:
         opset: int,
         is_constant: Callable[[ir.Value], bool],
         is_channel: Callable[[Dim], bool] = lambda d: False,
+        allow_inexact: bool = False,
     ) -> None:
         self.node = node
         self.opset = opset
         self._is_constant = is_constant
         self._is_channel = is_channel
+        #: The user accepts inexact couplings (see ``mark_inexact``); rules that would block
+        #: CHANNEL_MIXING may then tie and mark instead.
+        self.allow_inexact = allow_inexact
         self.ties: list[Tie] = []
         self.roles: list[tuple[Dim, Role]] = []
         self.blocks: list[tuple[str, int | None, Blocked]] = []

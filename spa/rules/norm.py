@@ -70,8 +70,15 @@ class GroupNormRule:
         ctx.set_attr("num_groups", int(len(kept)) // per)
 
 
-@register("LayerNormalization")
+@register("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization")
 class LayerNormRule(NoRewrite):
+    """Normalizes over axes ``axis``…: those channels mix without weights.
+
+    Blocked (CHANNEL_MIXING) by default. With ``allow_inexact`` the normalized axes are tied
+    through (scale and bias sliced with them) and marked inexact: removing a hidden channel
+    changes the mean and variance the others are normalized by.
+    """
+
     def couplings(self, node: ir.Node, ctx: CouplingContext) -> None:
         x, y = ctx.input(0), ctx.output(0)
         rank = ctx.rank(x)
@@ -84,7 +91,22 @@ class LayerNormRule(NoRewrite):
             if extra is not None and ctx.rank(extra) == rank:
                 for ax in range(axis):
                     ctx.tie(extra, ax, y, ax)
-        reason = f"LayerNormalization '{ctx.name}' normalizes over axes {normalized}: removing a channel changes every other"
+                for ax in normalized:
+                    ctx.allow(extra, ax)
+        reason = f"{node.op_type} '{ctx.name}' normalizes over axes {normalized}: removing a channel changes every other"
+        if ctx.allow_inexact:
+            for ax in normalized:
+                ctx.tie(x, ax, y, ax)
+                ctx.mark_inexact(y, ax, reason)
+            for p in node.inputs[1:]:
+                r = ctx.rank(p)
+                if r is None:
+                    continue
+                for k in range(r):  # scale/bias broadcast against the normalized trailing axes
+                    o = rank - r + k
+                    if o in normalized and ctx.size(p, k) == ctx.size(y, o) and ctx.tie(p, k, y, o):
+                        ctx.weight(p, k, Role.PARAM)
+            return
         for ax in normalized:
             ctx.block(x, ax, BlockCode.CHANNEL_MIXING, reason)
             ctx.block(y, ax, BlockCode.CHANNEL_MIXING, reason)
