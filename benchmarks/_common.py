@@ -69,7 +69,8 @@ def latency_side_by_side(
     warmup: int = 3,
     runs: int = 20,
 ) -> dict[str, dict[str, float]]:
-    """Median/p10/p90 latency (ms) of each model, runs interleaved round-robin.
+    """Median/p10/p90 latency (ms) of each model, runs interleaved round-robin, and the
+    paired speedup of each against the first model.
 
     Every model gets the same feeds; each round runs every model once, the starting model
     rotating from round to round so no model is always first (cache-cold) or last.
@@ -88,12 +89,17 @@ def latency_side_by_side(
             t0 = time.perf_counter()
             sessions[n].run(None, dict(feeds))
             times[n].append((time.perf_counter() - t0) * 1e3)
+    first = np.asarray(times[names[0]])
     return {
         n: {
             "median": float(np.median(t)),
             "p10": float(np.percentile(t, 10)),
             "p90": float(np.percentile(t, 90)),
             "runs": len(t),
+            # median over rounds of (first model's time / this model's time) in the same round:
+            # robust to machine load that drifts between rounds
+            "paired_speedup": float(np.median(first / np.asarray(t))),
+            "times": [round(x, 3) for x in t],
         }
         for n, t in times.items()
     }
