@@ -29,6 +29,7 @@ from spa.pipeline import PruneOptions, analyze, apply as apply_plan, execute_pla
 from spa.plan import Plan
 from spa.report import Report, Timer
 from spa.verify import parse_input_shapes
+from spa.viz import render_html
 
 __all__ = ["main", "cli"]
 
@@ -226,14 +227,34 @@ def _emit(payload: dict[str, Any], path: str | None, as_json: bool) -> None:
         click.echo(text)
 
 
+def _write_text_atomic(path: pathlib.Path, text: str) -> None:
+    """Write beside ``path`` first, then rename: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write '{path}': {e.strerror or e}") from e
+
+
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=True))
 @click.option("--json", "as_json", is_flag=True, help="Print groups as JSON.")
 @click.option("--all", "show_all", is_flag=True, help="Also list groups that are not channels (no weighted source).")
-def inspect(model, as_json, show_all) -> None:
+@click.option("--html", "html_path", type=click.Path(), default=None, help="Also draw the graph, coloured by group, with blocking ops marked, into this self-contained HTML file.")
+def inspect(model, as_json, show_all, html_path) -> None:
     """Show MODEL's channel groups: sizes, layers, what is frozen and why."""
     with _errors():
+        html_out = None
+        if html_path:
+            if os.path.exists(model) and os.path.exists(html_path) and os.path.samefile(model, html_path):
+                raise OutputError(f"refusing to overwrite the input '{model}' with the HTML drawing")
+            html_out = _check_output(model, html_path, in_place=True)
         a = analyze(model)
+        if html_out is not None:
+            _write_text_atomic(html_out, render_html(a))
+            err.print(f"wrote {html_out}", markup=False, highlight=False, soft_wrap=True)
         cost = a.cost.count()
         groups = a.channels.groups if show_all else a.channels.candidates
         rows = []

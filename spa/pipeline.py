@@ -196,6 +196,7 @@ def execute_plan(
     """Surgery, verification and report. Raises VerificationError if the oracle fails
     (naming the failing group when ``blame``: each group is then re-tried alone)."""
     timer = timer or Timer()
+    notes = dict(notes or {})
     model = analysis.model
     cost_before = analysis.cost.count()
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="spa-"))
@@ -224,17 +225,35 @@ def execute_plan(
             io.save_model(model, pruned_path, durable=False)
         if options.verify != "none":
             with timer("verify"):
-                verify_mod.check_model_file(pruned_path)
+                checker_note = _check(original_path if need_ort else None, pruned_path)
+                if checker_note:
+                    notes["checker"] = checker_note
                 if options.verify == "full":
                     oracle = _oracle(original_path, pruned_path, plan, feeds, options if blame else None)
         if options.benchmark:
             with timer("benchmark"):
                 lb, la = verify_mod.measure_latency([original_path, pruned_path], feeds)
                 latency = (round(lb, 4), round(la, 4))
-        report = _report(analysis, plan, options, cost_before, cost_after, oracle, latency, timer, notes or {})
+        report = _report(analysis, plan, options, cost_before, cost_after, oracle, latency, timer, notes)
         return PruneResult(model=model, report=report, plan=plan)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _check(original_path: pathlib.Path | None, pruned_path: pathlib.Path) -> str | None:
+    """The ONNX checker on the pruned model. A failure the input model already has (an op the
+    checker calls deprecated but ORT runs, …) is noted, not blamed on pruning."""
+    try:
+        verify_mod.check_model_file(pruned_path)
+        return None
+    except VerificationError as pruned_error:
+        if original_path is None:
+            raise
+        try:
+            verify_mod.check_model_file(original_path)
+        except VerificationError:
+            return f"the input model already fails the ONNX checker ({str(pruned_error).split(': ', 1)[-1]})"
+        raise
 
 
 def _oracle(

@@ -137,7 +137,12 @@ def make_inputs(sess, shapes: Mapping[str, Sequence[int]] | None = None, seed: i
     return feeds
 
 
-def _masked(array: np.ndarray, edit) -> np.ndarray:
+def _masked(array: np.ndarray, edit, zero: tuple[np.ndarray, int] | None = None) -> np.ndarray:
+    """Copy of ``array`` with its removed IN slices set to the value that means zero.
+
+    For a float weight that is 0; for a quantized weight it is the zero point (per tensor, or
+    per channel along ``zero[1]``), so the slice dequantizes to exactly 0.
+    """
     out = np.array(array, copy=True)
     for a, roles in edit.roles.items():
         if "in" not in roles:
@@ -145,12 +150,47 @@ def _masked(array: np.ndarray, edit) -> np.ndarray:
         removed = np.setdiff1d(np.arange(edit.shape[a]), np.asarray(edit.kept[a], dtype=np.int64))
         idx = [slice(None)] * out.ndim
         idx[a] = removed
-        out[tuple(idx)] = 0
+        fill = np.zeros((), out.dtype)
+        if zero is not None:
+            zp, zp_axis = zero
+            if zp.ndim == 0 or zp.size == 1:
+                fill = zp.reshape(()).astype(out.dtype)
+            else:
+                shape = [1] * out.ndim
+                shape[zp_axis] = zp.size
+                fill = np.broadcast_to(zp.reshape(shape).astype(out.dtype), out.shape)[tuple(idx)]
+        out[tuple(idx)] = fill
     return out
 
 
+# (op, input index of the quantized weight) → (input index of its zero point, zero point axis)
+_ZERO_POINT_OF = {
+    ("DequantizeLinear", 0): (2, None),
+    ("QLinearConv", 3): (5, 0),
+    ("ConvInteger", 1): (3, 0),
+    ("QLinearMatMul", 3): (5, -1),
+    ("MatMulInteger", 1): (3, -1),
+}
+
+
+def _zero_point(value: ir.Value) -> tuple[np.ndarray, int] | None:
+    for node, index in value.uses():
+        spec = _ZERO_POINT_OF.get((node.op_type, index))
+        if spec is None:
+            continue
+        zp_index, axis = spec
+        zp = node.inputs[zp_index] if zp_index < len(node.inputs) else None
+        if zp is None or zp.const_value is None:
+            return None
+        if axis is None:
+            axis = int(node.attributes["axis"].value) if "axis" in node.attributes else 1
+        rank = len(value.shape)
+        return zp.const_value.numpy(), axis % rank
+    return None
+
+
 def masked_weights(plan: Plan, load) -> dict[str, np.ndarray]:
-    """Original initializers with every removed IN slice zeroed (the oracle's reference)."""
+    """Original float initializers with every removed IN slice zeroed (the oracle's reference)."""
     return {e.name: _masked(load(e.name), e) for e in plan.tensors if any("in" in r for r in e.roles.values())}
 
 
@@ -161,12 +201,14 @@ def mask_model(model: ir.Model, plan: Plan) -> None:
     for edit in plan.tensors:
         if not any("in" in r for r in edit.roles.values()):
             continue
-        source = inits[edit.name].const_value
+        value = inits[edit.name]
+        source = value.const_value
+        zero = _zero_point(value)
 
-        def compute(source=source, edit=edit) -> ir.Tensor:
-            return ir.tensor(_masked(source.numpy(), edit), name=edit.name)
+        def compute(source=source, edit=edit, zero=zero) -> ir.Tensor:
+            return ir.tensor(_masked(source.numpy(), edit, zero), name=edit.name)
 
-        inits[edit.name].const_value = ir.LazyTensor(compute, dtype=source.dtype, shape=source.shape, name=edit.name)
+        value.const_value = ir.LazyTensor(compute, dtype=source.dtype, shape=source.shape, name=edit.name)
 
 
 def run_oracle(

@@ -21,6 +21,8 @@ import colorsys
 import dataclasses
 import html
 import itertools
+import math
+import re
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
@@ -41,6 +43,8 @@ _LAYER_H = 64.0
 _GAP = 16.0
 _DUMMY_W = 6.0
 _MARGIN = 40.0
+_COL_GAP = 110.0
+_ASPECT = 1.3  # width : height the wrapped drawing aims for (the page's graph pane)
 
 
 @dataclasses.dataclass
@@ -67,11 +71,12 @@ def render_html(analysis: Analysis) -> str:
     reasons = _candidate_reasons(candidates)
     per_node = analysis.cost.count(per_node=True)
     boxes, dag = _boxes(model.graph, cg, reasons, per_node.per_node or {})
-    pos, routes = _layout(dag, {k: b.width for k, b in boxes.items()})
-    svg = _svg(boxes, dag, pos, routes, cg, colours)
+    lay = _layout(dag, {k: b.width for k, b in boxes.items()})
+    svg = _svg(boxes, dag, lay, cg, colours)
     side = _sidebar(analysis, boxes, candidates, colours, reasons, per_node)
     title = html.escape(f"spa inspect — {analysis.source}")
-    return _PAGE.replace("{title}", title).replace("{svg}", svg).replace("{side}", side)
+    parts = {"title": title, "svg": svg, "side": side}
+    return re.sub(r"\{(title|svg|side)\}", lambda m: parts[m.group(1)], _PAGE)
 
 
 # ----------------------------------------------------------------------------------------
@@ -208,15 +213,26 @@ def _why(blocks: list[Blocked]) -> str:
 
 def _text_w(label: str, sub: str, least: float) -> float:
     """Box width that fits the bold label (12px) with the group tag, and the mono sub-line (10px)."""
-    return max(least, min(240.0, max(7.6 * len(label) + 46, 6.2 * len(sub) + 20)))
+    return max(least, min(240.0, max(7.6 * len(label) + 50, 6.2 * len(sub) + 24)))
 
 
 # ----------------------------------------------------------------------------------------
 # layout: Sugiyama-style, kept small
 
 
-def _layout(dag: nx.DiGraph, widths: dict[str, float]) -> tuple[dict[str, tuple[float, float]], dict[tuple[str, str], list[str]]]:
-    """Positions of every box and dummy, and the dummy chain each (source, target) edge follows."""
+@dataclasses.dataclass
+class _Layout:
+    """Where everything goes. Tall graphs wrap into columns at cuts crossed by few tensors."""
+
+    pos: dict[str, tuple[float, float]]  # box, dummy and portal centres
+    routes: dict[tuple[str, str], list[str]]  # (source, target) → every vertex the edge passes
+    column: dict[str, int]
+    portal: dict[tuple[str, int], tuple[str, int]]  # (vertex, column it enters) → (portal, lane)
+    bottom: list[float]  # lowest box edge per column
+    right: list[float]  # right edge per column
+
+
+def _layout(dag: nx.DiGraph, widths: dict[str, float]) -> _Layout:
     topo = list(nx.topological_sort(dag))
     layer: dict[str, int] = {}
     for n in topo:  # longest path from the inputs
@@ -241,14 +257,57 @@ def _layout(dag: nx.DiGraph, widths: dict[str, float]) -> tuple[dict[str, tuple[
         for v in succ:
             via = chain[: layer[v] - layer[u] - 1]
             lg.add_edge(via[-1] if via else u, v, weight=2 if via else 1)
-            routes[(u, v)] = via
+            routes[(u, v)] = [u, *via, v]
     rows: list[list[str]] = [[] for _ in range(max(layer.values(), default=0) + 1)]
     for n in _dfs_order(lg, topo):
         rows[layer[n]].append(n)
     rows = _order(lg, rows)
-    x = _place(lg, rows, w)
-    pos = {n: (x[n], _MARGIN + _BOX_H / 2 + layer[n] * _LAYER_H) for n in lg}
-    return pos, routes
+    spans = _columns(lg, rows, w)
+    out = _Layout({}, routes, {}, {}, [], [])
+    left = _MARGIN
+    shift = _LAYER_H if len(spans) > 1 else 0.0
+    for c, (a, b) in enumerate(spans):
+        crows = rows[a : b + 1]
+        if c:  # a portal per vertex whose edges cross the cut: the column's entry point
+            portals = []
+            for lane, src in enumerate(n for n in rows[a - 1] if any(layer[m] == a for m in lg.successors(n))):
+                p = f"^{src}"
+                portals.append(p)
+                w[p] = _DUMMY_W
+                lg.add_edges_from((p, m, {"weight": 8}) for m in list(lg.successors(src)) if layer[m] == a)
+                out.portal[(src, c)] = (p, lane)
+            crows = [portals, *crows]
+        x = _place(lg, crows, w)
+        top = _MARGIN + _BOX_H / 2 + shift - (_LAYER_H if c else 0.0)
+        for r, row in enumerate(crows):
+            for n in row:
+                out.pos[n] = (left + x[n], top + r * _LAYER_H)
+                out.column[n] = c
+        out.right.append(left + max((x[n] + w[n] / 2 for n in x), default=0.0))
+        out.bottom.append(max((out.pos[n][1] for n in x), default=0.0) + _BOX_H / 2)
+        left = out.right[-1] + _COL_GAP
+    return out
+
+
+def _columns(lg: nx.DiGraph, rows: list[list[str]], w: dict[str, float]) -> list[tuple[int, int]]:
+    """Row spans of the columns: cut a tall graph where at most 3 vertices feed the next row."""
+    n = len(rows)
+    width = max((sum(w[v] + _GAP for v in row) for row in rows), default=0.0) + _COL_GAP
+    if n * _LAYER_H <= 1.5 * width or n < 12:
+        return [(0, n - 1)]
+    k = max(1, round(math.sqrt(_ASPECT * n * _LAYER_H / width)))
+    target = n / k
+    feeds = {b: sum(1 for v in rows[b - 1] if lg.out_degree(v)) for b in range(2, n - 2)}
+    clean = [b for b, f in feeds.items() if 0 < f <= 3]
+    spans, start = [], 0
+    while n - start > 1.4 * target:
+        ok = [b for b in clean if b - start >= target / 2 and n - b >= target / 2]
+        if not ok:
+            break
+        cut = min(ok, key=lambda b: abs(b - start - target) + (feeds[b] - 1) * target / 4)
+        spans.append((start, cut - 1))
+        start = cut
+    return [*spans, (start, n - 1)]
 
 
 def _dfs_order(lg: nx.DiGraph, topo: list[str]) -> list[str]:
@@ -302,30 +361,22 @@ def _order(lg: nx.DiGraph, rows: list[list[str]], rounds: int = 6) -> list[list[
 
 
 def _place(lg: nx.DiGraph, rows: list[list[str]], w: dict[str, float]) -> dict[str, float]:
-    """x per vertex: each row in order, as close as it may be to its neighbours' mean."""
+    """x per vertex (left edge 0): each row in order, as close as it may be to its neighbours' mean."""
     x: dict[str, float] = {}
     for row in rows:
-        at = 0.0
-        for i, n in enumerate(row):
-            at += (w[row[i - 1]] + w[n]) / 2 + _GAP if i else 0.0
-            x[n] = at
-        shift = at / 2
-        for n in row:
-            x[n] -= shift
+        x.update(zip(row, _pack([0.0] * len(row), [w[n] for n in row])))
     for sweep in range(8):
         mode = ("down", "up", "both", "both")[sweep % 4]
-        seq = range(len(rows)) if mode != "up" else range(len(rows) - 1, -1, -1)
-        for li in seq:
-            row = rows[li]
+        for row in rows if mode != "up" else rows[::-1]:
             want = []
             for n in row:
-                nb = [*(lg.in_edges(n, data="weight") if mode != "up" else ()), *(lg.out_edges(n, data="weight") if mode != "down" else ())]
-                tw = sum(wt for *_, wt in nb)
-                want.append(sum(x[b if b != n else a] * wt for a, b, wt in nb) / tw if tw else x[n])
-            for n, xn in zip(row, _pack(want, [w[n] for n in row])):
-                x[n] = xn
+                nb = [(a, wt) for a, _, wt in lg.in_edges(n, data="weight") if a in x] if mode != "up" else []
+                nb += [(b, wt) for _, b, wt in lg.out_edges(n, data="weight") if b in x] if mode != "down" else []
+                tw = sum(wt for _, wt in nb)
+                want.append(sum(x[m] * wt for m, wt in nb) / tw if tw else x[n])
+            x.update(zip(row, _pack(want, [w[n] for n in row])))
     left = min((x[n] - w[n] / 2 for n in x), default=0.0)
-    return {n: x[n] - left + _MARGIN for n in x}
+    return {n: v - left for n, v in x.items()}
 
 
 def _pack(want: list[float], widths: list[float]) -> list[float]:
@@ -353,22 +404,19 @@ def _esc(s: object) -> str:
     return html.escape(str(s), quote=True)
 
 
-def _svg(
-    boxes: dict[str, _Box],
-    dag: nx.DiGraph,
-    pos: dict[str, tuple[float, float]],
-    routes: dict[tuple[str, str], list[str]],
-    cg: ChannelGraph,
-    colours: dict[str, tuple[str, str]],
-) -> str:
+def _svg(boxes: dict[str, _Box], dag: nx.DiGraph, lay: _Layout, cg: ChannelGraph, colours: dict[str, tuple[str, str]]) -> str:
     tgroup = _tensor_groups(cg)
-    width = max((pos[k][0] + b.width / 2 for k, b in boxes.items()), default=0.0) + _MARGIN
-    height = max((y for _, y in pos.values()), default=0.0) + _BOX_H / 2 + _MARGIN
+    pos = lay.pos
+    width = max(lay.right, default=0.0) + _MARGIN
+    height = max(lay.bottom, default=0.0) + _MARGIN + 30
     # Spread the edges entering a box along its top edge, ordered by where they come from.
     port: dict[tuple[str, str], float] = {}
     incoming: dict[str, list[tuple[float, tuple[str, str]]]] = defaultdict(list)
-    for (u, v), via in routes.items():
-        incoming[v].append((pos[via[-1] if via else u][0], (u, v)))
+    for (u, v), via in lay.routes.items():
+        prev = via[-2]
+        if lay.column[prev] != lay.column[v]:
+            prev = lay.portal[(prev, lay.column[v])][0]
+        incoming[v].append((pos[prev][0], (u, v)))
     for v, ins in incoming.items():
         ins.sort()
         step = min(12.0, (boxes[v].width - 16) / max(1, len(ins)))
@@ -379,22 +427,44 @@ def _svg(
         _DEFS,
         '<g id="vp"><g class="edges">',
     ]
-    for (u, v), via in routes.items():
-        (x0, y0), (x1, y1) = pos[u], pos[v]
-        pts = [(x0, y0 + _BOX_H / 2), *(pos[d] for d in via), (x1 + port[(u, v)], y1 - _BOX_H / 2)]
-        d = f"M{pts[0][0]:.1f},{pts[0][1]:.1f}"
-        for (ax, ay), (bx, by) in itertools.pairwise(pts):
-            my = (ay + by) / 2
-            d += f" C{ax:.1f},{my:.1f} {bx:.1f},{my:.1f} {bx:.1f},{by:.1f}"
-        carried = sorted(dag.edges[u, v]["tensors"])
+    trunk: dict[str, list[str]] = {}  # a source's dummy chain, drawn once; edges branch off it
+    for (u, _), via in lay.routes.items():
+        if len(via) - 1 > len(trunk.get(u, [u])):
+            trunk[u] = via[:-1]
+    for (u, v), via in [*((k, t) for k, t in lay.routes.items()), *(((u, ""), t) for u, t in trunk.items())]:
+        carried = sorted(dag.edges[u, v]["tensors"] if v else {t for (a, b) in dag.out_edges(u) for t in dag.edges[a, b]["tensors"]})
         g = next((tgroup[t] for t in carried if t in tgroup), None)
         stroke = colours[g.id][1] if g is not None else "#a0a4a8"
         attrs = f' class="edge ch" data-group="{g.id}"' if g is not None else ' class="edge"'
+        d = _edge_path(via[-2:] if v else via, port.get((u, v), 0.0), lay, boxes)
         out.append(f'<path{attrs} d="{d}" stroke="{stroke}"><title>{_esc(", ".join(carried))}</title></path>')
     out.append("</g>")
     out.extend(_box_svg(b, pos[k], colours) for k, b in boxes.items())
     out.append("</g></svg>")
     return "\n".join(out)
+
+
+def _edge_path(via: list[str], port: float, lay: _Layout, boxes: dict[str, _Box]) -> str:
+    """SVG path data: smooth curves between rows, an orthogonal connector where a column wraps."""
+    x, y = lay.pos[via[0]]
+    y += _BOX_H / 2 if via[0] in boxes else 0.0
+    d = [f"M{x:.1f},{y:.1f}"]
+    for prev, nxt in itertools.pairwise(via):
+        c = lay.column[nxt]
+        if lay.column[prev] != c:  # down below this column, over the gap, into the next one's top
+            p, lane = lay.portal[(prev, c)]
+            low = lay.bottom[c - 1] + 16 + 7 * lane
+            gap = lay.right[c - 1] + _COL_GAP / 2 + 7 * lane
+            high = _MARGIN - 14 + 7 * lane
+            x, y = lay.pos[p]
+            d.append(f"V{low:.1f} H{gap:.1f} V{high:.1f} H{x:.1f} V{y:.1f}")
+        bx, by = lay.pos[nxt]
+        if nxt in boxes:
+            bx, by = bx + port, by - _BOX_H / 2
+        my = (y + by) / 2
+        d.append(f"C{x:.1f},{my:.1f} {bx:.1f},{my:.1f} {bx:.1f},{by:.1f}")
+        x, y = bx, by
+    return " ".join(d)
 
 
 def _box_svg(b: _Box, at: tuple[float, float], colours: dict[str, tuple[str, str]]) -> str:
@@ -413,15 +483,23 @@ def _box_svg(b: _Box, at: tuple[float, float], colours: dict[str, tuple[str, str
         parts.append(f'<rect width="{b.width:.0f}" height="{_BOX_H:.0f}" rx="{rx:.0f}" fill="url(#{hatch})" pointer-events="none"/>')
     if b.reads is not None and b.reads is not b.group:
         parts.append(f'<rect class="reads" x="6" y="1.5" width="{b.width - 12:.0f}" height="4" rx="2" fill="{colours[b.reads.id][1]}"/>')
-    tx = 10 if b.kind == "op" else _BOX_H / 2
+    tx = 10 if b.kind == "op" else 14
     parts.append(f'<text class="t1" x="{tx:.0f}" y="15">{_esc(b.label)}</text>')
     parts.append(f'<text class="t2" x="{tx:.0f}" y="28">{_esc(b.sub)}</text>')
-    if b.group is not None:
+    if b.group is not None and b.kind == "op":
         parts.append(f'<text class="gid" x="{b.width - 8:.0f}" y="15">{b.group.id}</text>')
     if b.blocks:
         parts.append(f'<circle class="stop" cx="{b.width:.0f}" cy="0" r="9"/><text class="stopg" x="{b.width:.0f}" y="4.5">⊘</text>')
     parts.append("</g>")
     return "".join(parts)
+
+
+def _legend_title(g: Group) -> str:
+    weights = sorted({d.value for d in g.weight_dims(Role.OUT)})
+    lines = [f"{g.id}: {g.n_units} units from {', '.join(weights[:4])}{' …' if len(weights) > 4 else ''}"]
+    lines += [f"⊘ [{b.code.value}] {b.reason}" for b in g.reasons[:3]]
+    lines += [f"inexact: {w}" for w in g.inexact[:2]]
+    return "\n".join(lines)
 
 
 def _sidebar(
@@ -456,7 +534,7 @@ def _sidebar(
         fill, stroke = colours[g.id]
         st = _status(g)
         s.append(
-            f'<tr class="grp" data-group="{g.id}"><td><span class="sw" style="background:{fill};border-color:{stroke}"></span></td>'
+            f'<tr class="grp" data-group="{g.id}" title="{_esc(_legend_title(g))}"><td><span class="sw" style="background:{fill};border-color:{stroke}"></span></td>'
             f'<td>{g.id}</td><td class="n">{g.n_units}</td><td class="n">{int(g.frozen.sum())}</td><td class="n">{ops_of[g.id]}</td>'
             f'<td class="st {st.split()[0]}">{st}</td></tr>'
         )
@@ -468,7 +546,7 @@ def _sidebar(
     for b in reasons:
         by_code[b.code.value].append(b)
     for code, items in sorted(by_code.items(), key=lambda kv: (-len(kv[1]), kv[0])):
-        s.append(f'<details open><summary><code>{_esc(code)}</code> <span class="cnt">×{len(items)}</span></summary><table class="why">')
+        s.append(f'<details{" open" if len(items) <= 10 else ""}><summary><code>{_esc(code)}</code> <span class="cnt">×{len(items)}</span></summary><table class="why">')
         for b in items:
             where = b.node if b.node is not None else b.value
             s.append(

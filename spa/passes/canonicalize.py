@@ -50,12 +50,32 @@ class CanonicalizePass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified)
 
 
+# Ops whose first output always has the first input's shape; ONNX shape inference leaves some
+# of them unshaped (GroupNormalization), which would freeze their channels needlessly.
+_SAME_SHAPE = frozenset({"GroupNormalization", "InstanceNormalization", "LayerNormalization", "BatchNormalization"})
+
+
 def infer_shapes(model: ir.Model) -> None:
     """Run ONNX shape inference, keeping what is known when inference cannot finish.
 
     Strict inference refuses some valid models (custom domains, …); a non-strict pass still
     fills in what it can, and values left without shapes simply block their channels.
+    Same-shape ops that inference leaves unshaped get their input's shape, then inference
+    runs once more so their consumers are shaped too.
     """
+    _infer(model)
+    filled = False
+    for node in model.graph.all_nodes():
+        out = node.outputs[0] if node.outputs else None
+        if node.op_type in _SAME_SHAPE and out is not None and out.shape is None and node.inputs[0].shape is not None:
+            out.shape = ir.Shape(list(node.inputs[0].shape.dims))
+            out.dtype = out.dtype or node.inputs[0].dtype
+            filled = True
+    if filled:
+        _infer(model)
+
+
+def _infer(model: ir.Model) -> None:
     try:
         common.ShapeInferencePass(strict_mode=True)(model)
     except Exception as e:  # noqa: BLE001 - onnx raises many kinds; fall back to lenient mode

@@ -11,6 +11,7 @@ from spa.rules import (  # noqa: F401  (registration)
     gather,
     linear,
     norm,
+    quantize,
     recurrent,
     reduce,
     shape,

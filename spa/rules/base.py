@@ -215,6 +215,15 @@ class CouplingContext:
     def is_constant(self, value: ir.Value | None) -> bool:
         return value is not None and self._is_constant(value)
 
+    def is_weight(self, value: ir.Value | None) -> bool:
+        """A constant, or a constant seen through DequantizeLinear (QDQ models)."""
+        if value is None:
+            return False
+        if self.is_constant(value):
+            return True
+        src = value.producer()
+        return src is not None and src.op_type == "DequantizeLinear" and self.is_constant(src.inputs[0])
+
     def is_channel(self, value: ir.Value | None, axis: int) -> bool:
         """Whether ``value[axis]`` is already tied to a weight by the nodes before this one.
 
@@ -284,9 +293,19 @@ class CouplingContext:
             self.mentioned.add(self.dim(value, axis))
 
     def weight(self, value: ir.Value | None, axis: int, role: Role) -> bool:
-        """Declare a weight axis. Weights must be constants: a computed weight blocks its axis."""
+        """Declare a weight axis. Weights must be constants: a computed weight blocks its axis.
+
+        A weight dequantized from a constant (QDQ models) counts as that constant: the role
+        goes on the quantized initializer, which the DequantizeLinear rule ties axis by axis.
+        """
         if value is None:
             return False
+        source = value.producer()
+        if not self.is_constant(value) and source is not None and source.op_type == "DequantizeLinear":
+            q = source.inputs[0]
+            if self.is_constant(q) and self.rank(q) == self.rank(value):
+                self.roles.append((self.dim(q, axis), role))
+                return True
         if not self.is_constant(value):
             self.block(value, axis, BlockCode.NON_CONSTANT_WEIGHT, f"{self.node.op_type} '{self.name}': weight '{value.name}' is not a constant initializer")
             return False

@@ -32,9 +32,14 @@ def _group_layout(ctx: CouplingContext, x: ir.Value, w: ir.Value, in_axis_w: int
 
 @register("Conv")
 class ConvRule:
+    """Input positions are class attributes so quantized convs (quantize.py) reuse the rule."""
+
+    X, W, B = 0, 1, 2
+    PER_OUT: tuple[int, ...] = ()  # per-output-channel inputs (weight scales / zero points)
+
     def couplings(self, node: ir.Node, ctx: CouplingContext) -> None:
-        x, w = ctx.input(0), ctx.input(1)
-        b = ctx.input(2)
+        x, w = ctx.input(self.X), ctx.input(self.W)
+        b = ctx.input(self.B) if self.B is not None else None
         y = ctx.output(0)
         ctx.tie(x, 0, y, 0)
         layout = _group_layout(ctx, x, w, 1, 0, y)
@@ -44,9 +49,9 @@ class ConvRule:
         c, m, g = layout
         ctx.tie(w, 0, y, 1)
         ctx.weight(w, 0, Role.OUT)
-        if b is not None:
-            ctx.tie(b, 0, y, 1)
-            ctx.weight(b, 0, Role.PARAM)
+        for p in (b, *(ctx.input(i) for i in self.PER_OUT)):
+            if p is not None and ctx.rank(p) == 1 and ctx.size(p, 0) == m and ctx.tie(p, 0, y, 1):
+                ctx.weight(p, 0, Role.PARAM)
         cg, mg = c // g, m // g
         if g == 1:
             ctx.tie(x, 1, w, 1)
@@ -60,7 +65,7 @@ class ConvRule:
 
     def rewrite(self, node: ir.Node, ctx: RewriteContext) -> None:
         g = int(node.attributes["group"].value) if "group" in node.attributes else 1
-        x, w = node.inputs[0], node.inputs[1]
+        x, w = node.inputs[self.X], node.inputs[self.W]
         if g > 1 and w.shape is not None and w.shape[1] == 1:
             kept = ctx.kept(x, 1)
             if kept is not None:

@@ -20,7 +20,7 @@ __all__ = ["GemmRule", "MatMulRule"]
 
 
 def _contract(ctx: CouplingContext, a: ir.Value, a_k: int, a_free: int | None, b: ir.Value, b_k: int, b_free: int | None) -> None:
-    ca, cb = ctx.is_constant(a), ctx.is_constant(b)
+    ca, cb = ctx.is_weight(a), ctx.is_weight(b)
     if not ca and not cb:
         reason = f"{ctx.node.op_type} '{ctx.name}' contracts two activations over this axis"
         ctx.block(a, a_k, BlockCode.CHANNEL_MIXING, reason)
@@ -53,8 +53,13 @@ class GemmRule(NoRewrite):
 
 @register("MatMul")
 class MatMulRule(NoRewrite):
+    """Input positions are class attributes so quantized matmuls (quantize.py) reuse the rule."""
+
+    A, B = 0, 1
+    PER_COL: tuple[int, ...] = ()  # per-output-column inputs of B (scales / zero points)
+
     def couplings(self, node: ir.Node, ctx: CouplingContext) -> None:
-        a, b = ctx.input(0), ctx.input(1)
+        a, b = ctx.input(self.A), ctx.input(self.B)
         y = ctx.output(0)
         ra, rb, ry = ctx.rank(a), ctx.rank(b), ctx.rank(y)
         if ra is None or rb is None or ry is None:
@@ -70,6 +75,9 @@ class MatMulRule(NoRewrite):
             ctx.tie(a, a_m, y, ry - 2 if rb >= 2 else ry - 1)
         if b_n is not None:
             ctx.tie(b, b_n, y, ry - 1)
+            for p in (ctx.input(i) for i in self.PER_COL):
+                if p is not None and ctx.rank(p) == 1 and ctx.size(p, 0) == ctx.size(y, ry - 1) and ctx.tie(p, 0, y, ry - 1):
+                    ctx.weight(p, 0, Role.PARAM)
         _contract(ctx, a, a_k, a_m, b, b_k, b_n)
         # Batch axes broadcast like element-wise ops.
         batch = [v for v, r in ((a, ra), (b, rb)) if r > 2]

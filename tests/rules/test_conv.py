@@ -142,19 +142,66 @@ def test_non_constant_weight_blocks():
 
 
 def test_computed_weight_blocks_its_residual_partner():
-    # Branch B's weight is computed (Mul of an initializer): the residual Add couples it with
-    # branch A, whose weight is constant, so the whole group is a channel and is blocked.
+    # Branch B's weight is computed at run time (scaled by a graph input): the residual Add
+    # couples it with branch A, whose weight is constant, so the group is a channel, blocked.
     m = model(
         """
-        g (float[1,3,6,6] x) => (float[1,4,6,6] y) {
-          wb = Mul(wraw, s)
+        g (float[1,3,6,6] x, float sc) => (float[1,4,6,6] y) {
+          wb = Mul(wraw, sc)
           a = Conv <pads=[1,1,1,1]> (x, wa)
           b = Conv <pads=[1,1,1,1]> (x, wb)
           c = Add(a, b)
           y = Conv <pads=[1,1,1,1]> (c, w2)
         }""",
-        wa=(8, 3, 3, 3), wraw=(8, 3, 3, 3), s=np.array(0.5, np.float32), w2=(4, 8, 3, 3),
+        wa=(8, 3, 3, 3), wraw=(8, 3, 3, 3), w2=(4, 8, 3, 3),
     )
-    assert BlockCode.NON_CONSTANT_WEIGHT in group_codes(m, "c", 1)
+    assert group_codes(m, "c", 1) == {BlockCode.NON_CONSTANT_WEIGHT}
     assert BlockCode.NON_CONSTANT_WEIGHT in codes(m)
     assert group_of(m, "c", 1).n_free == 0
+
+
+def test_grouped_conv_after_concat():
+    # The grouped conv's positional units span both Concat inputs (a feeds group 0, b group 1).
+    m = model(
+        """
+        g (float[1,3,6,6] x) => (float[1,4,6,6] y) {
+          a = Conv <pads=[1,1,1,1]> (x, w1, b1)
+          b = Conv <pads=[1,1,1,1]> (x, wb, bb)
+          c = Concat <axis=1> (a, b)
+          d = Conv <group=2, pads=[1,1,1,1]> (c, wg, bg)
+          y = Conv <pads=[1,1,1,1]> (d, w2, b2)
+        }""",
+        w1=(4, 3, 3, 3), b1=(4,), wb=(4, 3, 3, 3), bb=(4,), wg=(8, 4, 3, 3), bg=(8,), w2=(4, 8, 3, 3), b2=(4,),
+    )
+    res = prune_and_check(m, sliced={"w1": 0, "wb": 0, "wg": 1})
+    assert kept_of(res, "w1", 0) == kept_of(res, "wb", 0) == kept_of(res, "wg", 1)
+
+
+def test_depthwise_after_grouped_conv():
+    m = model(
+        """
+        g (float[1,3,6,6] x) => (float[1,4,6,6] y) {
+          a = Conv <pads=[1,1,1,1]> (x, w1, b1)
+          d = Conv <group=2, pads=[1,1,1,1]> (a, wg, bg)
+          e = Conv <group=8, pads=[1,1,1,1]> (d, wd, bd)
+          y = Conv <pads=[1,1,1,1]> (e, w2, b2)
+        }""",
+        w1=(8, 3, 3, 3), b1=(8,), wg=(8, 4, 3, 3), bg=(8,), wd=(8, 1, 3, 3), bd=(8,), w2=(4, 8, 3, 3), b2=(4,),
+    )
+    res = prune_and_check(m, sliced={"wg": 0, "wd": 0, "w2": 1})
+    assert node_of(res, "e").attributes["group"].value == res.model.graph.initializers["wd"].shape[0]
+    assert node_of(res, "d").attributes["group"].value == 2
+
+
+def test_conv_transpose_depthwise_multiplier_one():
+    m = model(
+        """
+        g (float[1,3,5,5] x) => (float[1,4,10,10] y) {
+          a = Conv <pads=[1,1,1,1]> (x, w1, b1)
+          t = ConvTranspose <strides=[2,2], kernel_shape=[2,2], group=8> (a, wt, bt)
+          y = Conv <pads=[1,1,1,1]> (t, w2, b2)
+        }""",
+        w1=(8, 3, 3, 3), b1=(8,), wt=(8, 1, 2, 2), bt=(8,), w2=(4, 8, 3, 3), b2=(4,),
+    )
+    res = prune_and_check(m, sliced={"w1": 0, "wt": 0, "bt": 0, "w2": 1})
+    assert node_of(res, "t").attributes["group"].value == len(kept_of(res, "w1", 0))

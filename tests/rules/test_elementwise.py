@@ -140,3 +140,37 @@ def test_variadic_of_three_branches(op):
     assert group_of(m, "a", 1).id == group_of(m, "c", 1).id
     res = prune_and_check(m, sliced={"w1": 0, "wb": 0, "wc": 0, "w2": 1})
     assert kept_of(res, "w1", 0) == kept_of(res, "wb", 0) == kept_of(res, "wc", 0)
+
+
+@pytest.mark.parametrize("gate", ["Sigmoid", "HardSigmoid"])
+def test_squeeze_excite_gate(gate):
+    # MobileNetV3 / PaddleOCR SE block: the gate's channels and the gated conv's are one space.
+    m = model(
+        f"""
+        g (float[1,3,6,6] x) => (float[1,4,6,6] y) {{
+          a = Conv <pads=[1,1,1,1]> (x, w1, b1)
+          p = GlobalAveragePool (a)
+          q = Conv (p, wr, br)
+          r = Relu(q)
+          e = Conv (r, we, be)
+          s = {gate}(e)
+          v = Mul(a, s)
+          y = Conv <pads=[1,1,1,1]> (v, w2, b2)
+        }}""",
+        **_CONVS, wr=(4, 8, 1, 1), br=(4,), we=(8, 4, 1, 1), be=(8,),
+    )
+    res = prune_and_check(m, sliced={"w1": 0, "wr": 1, "we": 0, "be": 0, "w2": 1})
+    assert kept_of(res, "w1", 0) == kept_of(res, "we", 0) == kept_of(res, "wr", 1)
+
+
+def test_add_with_graph_input_freezes_the_group():
+    m = model(
+        """
+        g (float[1,3,6,6] x, float[1,8,6,6] z) => (float[1,4,6,6] y) {
+          a = Conv <pads=[1,1,1,1]> (x, w1, b1)
+          v = Add(a, z)
+          y = Conv <pads=[1,1,1,1]> (v, w2, b2)
+        }""",
+        **_CONVS,
+    )
+    assert group_of(m, "a", 1).n_free == 0

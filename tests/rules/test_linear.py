@@ -98,3 +98,64 @@ def test_matmul_of_two_activations_blocks():
     )
     assert BlockCode.CHANNEL_MIXING in group_codes(m, "q", 1)
     assert group_of(m, "q", 1).n_free == 0
+
+
+def test_gemm_full_matrix_bias():
+    # C[M, N]: sliced along N with the channels, the M axis follows the batch.
+    m = model(
+        """
+        g (float[2,5] x) => (float[2,3] y) {
+          h = Gemm <transB=1> (x, w1, c1)
+          r = Relu(h)
+          y = Gemm <transB=1> (r, w2, c2)
+        }""",
+        w1=(8, 5), c1=(2, 8), w2=(3, 8), c2=(2, 3),
+    )
+    prune_and_check(m, sliced={"w1": 0, "c1": 1, "w2": 1}, kept={"c1": 0})
+
+
+def test_matmul_with_constant_vector():
+    # [4, 8] @ v[8] → [4]: the vector's only axis reads the channels.
+    m = model(
+        """
+        g (float[4,5] x) => (float[4] y) {
+          h = Gemm <transB=1> (x, w1, c1)
+          r = Relu(h)
+          y = MatMul(r, v)
+        }""",
+        w1=(8, 5), c1=(8,), v=(8,),
+    )
+    prune_and_check(m, sliced={"w1": 0, "c1": 0, "v": 0})
+
+
+def test_matmul_batched_constant_weight():
+    # A per-batch constant weight [2, 6, 8]: its batch axis follows the activation's batch.
+    m = model(
+        """
+        g (float[2,5,6] x) => (float[2,5,3] y) {
+          h = MatMul(x, w1)
+          r = Relu(h)
+          y = MatMul(r, w2)
+        }""",
+        w1=(2, 6, 8), w2=(2, 8, 3),
+    )
+    prune_and_check(m, sliced={"w1": 2, "w2": 1}, kept={"w1": (0, 1), "w2": (0, 2)})
+
+
+def test_weight_shared_by_two_gemms():
+    # One initializer read by two nodes couples their output channels into one group.
+    m = model(
+        """
+        g (float[2,5] x1, float[2,5] x2) => (float[2,3] y, float[2,3] y2) {
+          h1 = Gemm <transB=1> (x1, w1, c1)
+          r1 = Relu(h1)
+          y = Gemm <transB=1> (r1, w2, c2)
+          h2 = Gemm <transB=1> (x2, w1, c1)
+          r2 = Sigmoid(h2)
+          y2 = Gemm <transB=1> (r2, w3, c2)
+        }""",
+        w1=(8, 5), c1=(8,), w2=(3, 8), c2=(3,), w3=(3, 8),
+    )
+    assert group_of(m, "h1", 1).id == group_of(m, "h2", 1).id
+    res = prune_and_check(m, sliced={"w1": 0, "w2": 1, "w3": 1})
+    assert kept_of(res, "w2", 1) == kept_of(res, "w3", 1) == kept_of(res, "w1", 0)

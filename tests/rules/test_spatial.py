@@ -145,3 +145,30 @@ def test_resize_over_channels_blocks():
         scales=np.array([1, 2, 1, 1], np.float32),
     )
     assert group_of(m, "a", 1).n_free == 0
+
+
+def test_resize_sizes_with_channel_in_axes():
+    # opset 18: axes [1, 2, 3] with sizes [8, 12, 12]: the channel entry is rewritten.
+    m = _through(
+        'v = Resize <mode="nearest", axes=[1,2,3]> (a, "", "", sizes)',
+        12,
+        opset=18,
+        sizes=np.array([8, 12, 12], np.int64),
+    )
+    res = prune_and_check(m, sliced={"w1": 0, "w2": 1})
+    assert const_input(res, "v", 3) == [res.model.graph.initializers["w1"].shape[0], 12, 12]
+
+
+def test_conv_transpose_then_batchnorm():
+    m = model(
+        """
+        g (float[1,3,5,5] x) => (float[1,4,10,10] y) {
+          a = Conv <pads=[1,1,1,1]> (x, w1, b1)
+          t = ConvTranspose <strides=[2,2], kernel_shape=[2,2]> (a, wt)
+          n = BatchNormalization (t, s, bias, mean, var)
+          y = Conv <pads=[1,1,1,1]> (n, w2, b2)
+        }""",
+        w1=(8, 3, 3, 3), b1=(8,), wt=(8, 6, 2, 2), s=(6,), bias=(6,), mean=(6,),
+        var=np.linspace(0.5, 2, 6).astype(np.float32), w2=(4, 6, 3, 3), b2=(4,),
+    )
+    prune_and_check(m, sliced={"wt": 1, "s": 0, "w2": 1})

@@ -1,0 +1,86 @@
+"""The rule registry's key set is pinned here (STYLE.md house rule 6).
+
+Adding or removing a rule means editing this table in the same change: an op silently
+gaining or losing a rule changes what spa prunes.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import spa.rules
+from spa.rules import get_rule, registered_ops
+
+# family module → op types it registers (all in the default ONNX domain).
+EXPECTED: dict[str, set[str]] = {
+    "concat_split": {"Concat", "Slice", "Split"},
+    "control_flow": {"If"},
+    "conv": {"Conv", "ConvTranspose"},
+    "elementwise": {
+        # unary
+        "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Swish", "Tanh", "Erf", "Gelu",
+        "Softplus", "Softsign", "Elu", "Selu", "Celu", "ThresholdedRelu", "Mish", "Clip", "Shrink",
+        "Exp", "Log", "Abs", "Neg", "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Sign",
+        "Sin", "Cos", "Tan", "Asin", "Acos", "Atan", "Sinh", "Cosh", "Asinh", "Acosh", "Atanh",
+        "Not", "IsNaN", "IsInf", "BitwiseNot", "Identity", "Cast", "CastLike", "Dropout",
+        # broadcasting
+        "Add", "Sub", "Mul", "Div", "Pow", "Mod", "Max", "Min", "Mean", "Sum",
+        "Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor",
+        "BitwiseAnd", "BitwiseOr", "BitwiseXor", "BitShift", "Where", "PRelu",
+    },
+    "expand": {"ConstantOfShape", "Expand"},
+    "gather": {"Gather"},
+    "linear": {"Gemm", "MatMul"},
+    "norm": {
+        "BatchNormalization", "InstanceNormalization", "GroupNormalization", "LayerNormalization", "LRN",
+        "RMSNormalization", "SimplifiedLayerNormalization",
+    },
+    "quantize": {
+        "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
+        "QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger",
+    },
+    "recurrent": {"RNN", "GRU", "LSTM"},
+    "reduce": {
+        "ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceProd", "ReduceL1", "ReduceL2",
+        "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare", "ArgMax", "ArgMin",
+        "Softmax", "LogSoftmax", "Hardmax",
+    },
+    "shape": {"Transpose", "Squeeze", "Unsqueeze", "Flatten", "Reshape", "Shape", "Tile"},
+    "spatial": {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "Pad", "Resize", "Upsample"},
+}
+
+
+def test_registry_key_set_is_pinned():
+    expected = {("", op) for ops in EXPECTED.values() for op in ops}
+    got = registered_ops()
+    assert got == expected, f"unexpected: {sorted(got - expected)}; missing: {sorted(expected - got)}"
+
+
+@pytest.mark.parametrize("family", sorted(EXPECTED))
+def test_each_op_lives_in_its_family_module(family):
+    for op in EXPECTED[family]:
+        rule = get_rule("", op)
+        assert type(rule).__module__ == f"spa.rules.{family}", op
+
+
+def test_families_are_disjoint():
+    seen: set[str] = set()
+    for ops in EXPECTED.values():
+        assert not seen & ops
+        seen |= ops
+
+
+def test_ai_onnx_is_the_default_domain():
+    assert get_rule("ai.onnx", "Conv") is get_rule("", "Conv")
+    assert get_rule("com.microsoft", "Conv") is None
+    assert get_rule("", "DepthToSpace") is None
+
+
+def test_registering_twice_is_refused():
+    with pytest.raises(RuntimeError):
+
+        @spa.rules.register("Conv")
+        class Duplicate:  # pragma: no cover - never instantiated past registration
+            def couplings(self, node, ctx) -> None: ...
+
+            def rewrite(self, node, ctx) -> None: ...
