@@ -204,10 +204,12 @@ def execute_plan(
         need_ort = options.verify == "full" or options.benchmark
         original_path = workdir / "original" / "model.onnx"
         feeds = None
-        if need_ort:
+        if need_ort or options.verify == "check":
             with timer("snapshot"):
                 original_path.parent.mkdir()
                 io.save_model(model, original_path, durable=False)
+        if need_ort:
+            with timer("snapshot"):
                 # Fail fast (before surgery) if ORT cannot run the input on these shapes.
                 sess = verify_mod.session(original_path)
                 feeds = verify_mod.make_inputs(sess, options.input_shapes, options.seed)
@@ -225,7 +227,7 @@ def execute_plan(
             io.save_model(model, pruned_path, durable=False)
         if options.verify != "none":
             with timer("verify"):
-                checker_note = _check(original_path if need_ort else None, pruned_path)
+                checker_note = _check(original_path, pruned_path)
                 if checker_note:
                     notes["checker"] = checker_note
                 if options.verify == "full":
@@ -240,15 +242,13 @@ def execute_plan(
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _check(original_path: pathlib.Path | None, pruned_path: pathlib.Path) -> str | None:
+def _check(original_path: pathlib.Path, pruned_path: pathlib.Path) -> str | None:
     """The ONNX checker on the pruned model. A failure the input model already has (an op the
     checker calls deprecated but ORT runs, …) is noted, not blamed on pruning."""
     try:
         verify_mod.check_model_file(pruned_path)
         return None
     except VerificationError as pruned_error:
-        if original_path is None:
-            raise
         try:
             verify_mod.check_model_file(original_path)
         except VerificationError:

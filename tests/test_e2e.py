@@ -114,3 +114,18 @@ def test_hidden_size_only_with_allow_inexact(zoo_onnx) -> None:
     assert loose.report.flops_after < exact.report.flops_after
     assert loose.report.oracle["inexact_groups"] and not loose.report.oracle["asserted"]
     assert "embed.weight" in {layer["weight"] for layer in loose.report.layers}
+
+
+def test_float16_model(tmp_path) -> None:
+    import warnings
+
+    import torch
+
+    model, shape = zoo.build("resnet")
+    path = tmp_path / "fp16.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.half(), (torch.randn(*shape).half(),), str(path), dynamo=False, opset_version=17)
+    result = spa.prune(path, ratio=0.5, benchmark=False)
+    assert result.report.groups_pruned >= 5
+    assert result.report.oracle["passed"] and result.report.oracle["asserted"]
