@@ -447,7 +447,7 @@ class CostModel:
         if self.uncounted:
             logger.debug("ops counted as 0 flops (no cost rule): %s", dict(self.uncounted))
         if self.unknown:
-            logger.warning(
+            logger.info(
                 "%d node(s) have no shapes; their cost is counted as 0", len(self.unknown)
             )
 

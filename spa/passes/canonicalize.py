@@ -8,7 +8,8 @@
 - nodes are sorted topologically (the channel analysis walks in order);
 - shapes are inferred, so every rule can ask for static sizes;
 - shape arithmetic over static sizes is folded into constants (``FoldShapesPass``), so a
-  ``view(x.size(0), -1)`` or a torch RNN's zero state is a proven Reshape/Expand.
+  ``view(x.size(0), -1)`` or a torch RNN's zero state is a proven Reshape/Expand; nodes and
+  initializers nothing reads are dropped.
 
 Tensors are never copied or changed: only where they live (Constant → initializer). The pass
 does not touch graph inputs, outputs or initializer names, so plans keep pointing at the input
@@ -45,8 +46,9 @@ class CanonicalizePass(ir.passes.InPlacePass):
         infer_shapes(model)
         if FoldShapesPass()(model).modified:
             modified = True
-            common.RemoveUnusedNodesPass()(model)
             infer_shapes(model)
+        modified |= common.RemoveUnusedNodesPass()(model).modified
+        modified |= _remove_unused_initializers(model)
         return ir.passes.PassResult(model, modified)
 
 
@@ -64,6 +66,7 @@ def infer_shapes(model: ir.Model) -> None:
     runs once more so their consumers are shaped too.
     """
     _infer(model)
+    _unknown_dims_are_symbolic(model)
     filled = False
     for node in model.graph.all_nodes():
         out = node.outputs[0] if node.outputs else None
@@ -73,6 +76,26 @@ def infer_shapes(model: ir.Model) -> None:
             filled = True
     if filled:
         _infer(model)
+        _unknown_dims_are_symbolic(model)
+
+
+def _remove_unused_initializers(model: ir.Model) -> bool:
+    """Drop initializers nothing reads (left by exporters or by folding); ORT warns about them."""
+    graph = model.graph
+    dead = [name for name, v in graph.initializers.items() if not v.uses() and not v.is_graph_output() and not v.is_graph_input()]
+    for name in dead:
+        del graph.initializers[name]
+    return bool(dead)
+
+
+def _unknown_dims_are_symbolic(model: ir.Model) -> None:
+    """Some exporters (PaddlePaddle) write unknown sizes as ``-1``: make them symbolic, so a
+    negative "size" can never be taken for a static one."""
+    graph = model.graph
+    values = [*graph.inputs, *graph.outputs, *(v for n in graph.all_nodes() for v in n.outputs)]
+    for v in values:
+        if v.shape is not None and any(isinstance(d, int) and d < 0 for d in v.shape.dims):
+            v.shape = ir.Shape([ir.SymbolicDim(None) if isinstance(d, int) and d < 0 else d for d in v.shape.dims])
 
 
 def _infer(model: ir.Model) -> None:

@@ -199,7 +199,7 @@ class CouplingContext:
         if not -rank <= axis < rank:
             return None
         d = value.shape[axis]
-        return d if isinstance(d, int) else None
+        return d if isinstance(d, int) and d >= 0 else None
 
     def shape(self, value: ir.Value | None) -> tuple[int | None, ...] | None:
         if value is None or value.shape is None:
