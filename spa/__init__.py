@@ -1,7 +1,7 @@
 """spa — Structurally Prune Anything: exact structured pruning of ONNX models.
 
     import spa
-    result = spa.prune("model.onnx", ratio=0.5)
+    result = spa.prune("model.onnx", ratio=0.5)        # or spa.plan(...) then spa.apply(...)
     result.save("model.spa.onnx")
     print(result.report.flops_ratio, result.report.oracle)
 """
@@ -20,16 +20,18 @@ from spa.errors import (
     UsageError,
     VerificationError,
 )
-from spa.pipeline import Analysis, PruneOptions, PruneResult, analyze, apply, execute_plan, make_plan, prune
-from spa.plan import Plan
+from spa.io import load_model as load
+from spa.pipeline import Analysis, PruneOptions, PruneResult, analyze, apply, execute_plan, make_plan, plan, prune
+from spa.planning import Plan
 from spa.report import Report
 
+#: ``spa.inspect(model)``: the channel analysis (groups, what is frozen and why), no changes.
 inspect = analyze
-load = analyze
 
 __all__ = [
     "__version__",
     "prune",
+    "plan",
     "make_plan",
     "apply",
     "analyze",

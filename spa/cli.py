@@ -26,7 +26,7 @@ from spa.allocate import ALLOCATIONS
 from spa.criteria import CRITERIA
 from spa.errors import OutputError, SpaError, UnsupportedError, UsageError, VerificationError
 from spa.pipeline import PruneOptions, analyze, apply as apply_plan, execute_plan, make_plan
-from spa.plan import Plan
+from spa.planning import Plan
 from spa.report import Report, Timer
 from spa.verify import parse_input_shapes
 from spa.viz import render_html

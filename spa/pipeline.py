@@ -3,7 +3,7 @@
     load → canonicalize → analyze → score → allocate → plan │ prune → verify → report
 
 ``make_plan`` runs the left half (no mutation of anything the caller owns) and returns a
-:class:`~spa.plan.Plan`; ``execute_plan`` runs the right half on a model. ``prune`` is both.
+:class:`~spa.planning.Plan`; ``execute_plan`` runs the right half on a model. ``prune`` is both.
 ``apply`` replays a saved plan on the model it was made for.
 """
 
@@ -31,12 +31,12 @@ from spa.criteria import CriterionInputs, get_criterion, score_groups
 from spa.errors import PlanMismatchError, UsageError, VerificationError
 from spa.passes.canonicalize import CanonicalizePass
 from spa.passes.prune import PrunePass
-from spa.plan import Plan, build_plan
+from spa.planning import Plan, build_plan
 from spa.report import Report, Timer
 from spa.rules.base import Role
 from spa import verify as verify_mod
 
-__all__ = ["PruneOptions", "PruneResult", "Analysis", "load", "analyze", "make_plan", "execute_plan", "prune", "apply"]
+__all__ = ["PruneOptions", "PruneResult", "Analysis", "load", "analyze", "make_plan", "execute_plan", "prune", "plan", "apply"]
 
 logger = logging.getLogger(__name__)
 
@@ -340,6 +340,14 @@ def prune(source: ModelSource, *, timer: Timer | None = None, **kwargs: Any) -> 
     analysis = analyze(source, timer, allow_inexact=options.allow_inexact)
     plan, notes = make_plan(analysis, options, timer)
     return execute_plan(analysis, plan, options, timer, notes)
+
+
+def plan(source: ModelSource, *, timer: Timer | None = None, **kwargs: Any) -> Plan:
+    """Decide what to prune (analyze → allocate) without surgery; see :class:`PruneOptions`."""
+    options = kwargs.pop("options", None) or PruneOptions(**kwargs)
+    options.validate()
+    analysis = analyze(source, timer, allow_inexact=options.allow_inexact)
+    return make_plan(analysis, options, timer)[0]
 
 
 def apply(source: ModelSource, plan: Plan, *, timer: Timer | None = None, **kwargs: Any) -> PruneResult:

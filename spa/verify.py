@@ -24,7 +24,7 @@ import onnx
 import onnx_ir as ir
 
 from spa.errors import UnsupportedError, UsageError, VerificationError
-from spa.plan import Plan
+from spa.planning import Plan
 
 __all__ = [
     "OracleResult",

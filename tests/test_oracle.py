@@ -16,7 +16,7 @@ import pytest
 
 import spa
 from spa.passes.prune import PrunePass
-from spa.plan import Plan, build_plan
+from spa.planning import Plan, build_plan
 from spa.rules.base import AttrRewrite, ConstRewrite, Dim
 
 

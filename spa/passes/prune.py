@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from spa.errors import PlanMismatchError
 from spa.passes.canonicalize import infer_shapes
-from spa.plan import Plan
+from spa.planning import Plan
 from spa.rules.base import AttrRewrite, ConstRewrite
 
 __all__ = ["PrunePass", "slice_tensor"]
@@ -36,7 +36,7 @@ def slice_tensor(array: np.ndarray, kept: dict[int, list[int]]) -> np.ndarray:
 
 
 class PrunePass(ir.passes.InPlacePass):
-    """Apply a :class:`~spa.plan.Plan` (see module docstring)."""
+    """Apply a :class:`~spa.planning.Plan` (see module docstring)."""
 
     def __init__(self, plan: Plan) -> None:
         super().__init__()
