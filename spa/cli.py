@@ -162,6 +162,8 @@ def _print_report(r: Report) -> None:
     if r.oracle is not None:
         verdict = "exact" if r.oracle["passed"] else "NOT exact (inexact groups: " + ", ".join(r.oracle["inexact_groups"]) + ")"
         out.print(f"mask-equivalence oracle: max |diff| {r.oracle['max_abs_diff']:.3g} → {verdict}")
+        if r.oracle.get("exact_part"):
+            out.print(f"  the exact groups alone: max |diff| {r.oracle['exact_part']['max_abs_diff']:.3g} → exact")
     reasons: dict[str, int] = {}
     for b in r.blocked:
         for reason in b["reasons"][:1]:

@@ -270,6 +270,10 @@ def _oracle(
     result = verify_mod.run_oracle(masked_path, pruned_path, feeds)
     inexact = sorted({g.id for g in plan.groups if g.removed and g.inexact})
     out = result.to_json() | {"inexact_groups": inexact, "asserted": not inexact}
+    if inexact and blame is not None:
+        # The inexact groups make the whole-model comparison a report, not a proof: prove the
+        # exact groups on their own so an inexact option never hides a wrong slice.
+        out["exact_part"] = _exact_part(original_path, plan, blame)
     if not result.passed and not inexact:
         culprit = _blame(original_path, plan, blame) if blame is not None else None
         where = f"group {culprit}" if culprit else "the groups together (each alone passes)"
@@ -282,18 +286,37 @@ def _oracle(
     return out
 
 
+def _replan(original_path: pathlib.Path, plan: Plan, options: PruneOptions, keep: Callable[[Any], bool]) -> tuple[Analysis, Plan] | None:
+    """Re-plan the snapshot with only the groups ``keep`` accepts (same group ids: the
+    snapshot is the canonical model the plan was made on)."""
+    analysis = analyze(original_path, allow_inexact=options.allow_inexact)
+    ids = {x.id for x in analysis.channels.groups}
+    chosen = {g.id: np.asarray(g.removed) for g in plan.groups if g.removed and keep(g)}
+    if not chosen.keys() <= ids:
+        return None
+    return analysis, build_plan(analysis.model, analysis.channels, chosen)
+
+
+def _exact_part(original_path: pathlib.Path, plan: Plan, options: PruneOptions) -> dict[str, Any] | None:
+    replanned = _replan(original_path, plan, options, lambda g: not g.inexact)
+    if replanned is None or replanned[1].empty:
+        return None
+    quiet = dataclasses.replace(options, verify="full", benchmark=False)
+    oracle = execute_plan(*replanned, quiet, blame=False).report.oracle
+    return {"max_abs_diff": oracle["max_abs_diff"], "passed": oracle["passed"]}
+
+
 def _blame(original_path: pathlib.Path, plan: Plan, options: PruneOptions) -> str | None:
     """Name the first group whose pruning alone fails the oracle (re-planned on the snapshot)."""
     quiet = dataclasses.replace(options, verify="full", benchmark=False)
     for g in plan.groups:
         if not g.removed:
             continue
-        analysis = analyze(original_path, allow_inexact=options.allow_inexact)
-        if g.id not in {x.id for x in analysis.channels.groups}:
+        replanned = _replan(original_path, plan, options, lambda x, gid=g.id: x.id == gid)
+        if replanned is None:
             return None
-        single = build_plan(analysis.model, analysis.channels, {g.id: np.asarray(g.removed)})
         try:
-            execute_plan(analysis, single, quiet, blame=False)
+            execute_plan(*replanned, quiet, blame=False)
         except VerificationError:
             return g.id
     return None
