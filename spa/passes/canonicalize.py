@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
+import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
@@ -53,8 +55,31 @@ class CanonicalizePass(ir.passes.InPlacePass):
 
 
 # Ops whose first output always has the first input's shape; ONNX shape inference leaves some
-# of them unshaped (GroupNormalization), which would freeze their channels needlessly.
-_SAME_SHAPE = frozenset({"GroupNormalization", "InstanceNormalization", "LayerNormalization", "BatchNormalization"})
+# of them unshaped (GroupNormalization, ONNX Runtime's contrib ops), which would freeze their
+# channels needlessly.
+_SAME_SHAPE = frozenset(
+    {
+        ("", "GroupNormalization"), ("", "InstanceNormalization"), ("", "LayerNormalization"), ("", "BatchNormalization"),
+        ("com.microsoft", "SkipLayerNormalization"), ("com.microsoft", "SkipSimplifiedLayerNormalization"),
+        ("com.microsoft", "BiasGelu"), ("com.microsoft", "FastGelu"), ("com.microsoft", "BiasAdd"),
+        ("com.microsoft", "Gelu"), ("com.microsoft", "QuickGelu"),
+    }
+)
+
+
+def _implied_shape(node: ir.Node) -> ir.Shape | None:
+    """The first output's shape where the op determines it and ONNX inference does not."""
+    x = node.inputs[0] if node.inputs else None
+    if x is None or x.shape is None:
+        return None
+    key = ("" if node.domain == "ai.onnx" else node.domain, node.op_type)
+    if key in _SAME_SHAPE:
+        return ir.Shape(list(x.shape.dims))
+    if key == ("com.microsoft", "Attention") and len(x.shape) == 3:
+        w = node.inputs[1]
+        if w is not None and w.shape is not None and isinstance(w.shape[1], int) and w.shape[1] % 3 == 0:
+            return ir.Shape([x.shape[0], x.shape[1], w.shape[1] // 3])
+    return None
 
 
 def infer_shapes(model: ir.Model) -> None:
@@ -70,13 +95,56 @@ def infer_shapes(model: ir.Model) -> None:
     filled = False
     for node in model.graph.all_nodes():
         out = node.outputs[0] if node.outputs else None
-        if node.op_type in _SAME_SHAPE and out is not None and out.shape is None and node.inputs[0].shape is not None:
-            out.shape = ir.Shape(list(node.inputs[0].shape.dims))
+        if out is None or out.shape is not None:
+            continue
+        shape = _implied_shape(node)
+        if shape is not None:
+            out.shape = shape
             out.dtype = out.dtype or node.inputs[0].dtype
             filled = True
     if filled:
         _infer(model)
         _unknown_dims_are_symbolic(model)
+    if any(n.domain == "com.microsoft" for n in model.graph.all_nodes()):
+        _infer_contrib(model)
+        _unknown_dims_are_symbolic(model)
+
+
+def _infer_contrib(model: ir.Model) -> None:
+    """ONNX's shape inference does not know ONNX Runtime's contrib ops; ORT's symbolic shape
+    inference does. It runs on a copy whose large weights are replaced by typed graph inputs
+    (only their shapes matter), and fills in the shapes ONNX left unknown."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    except ImportError:  # pragma: no cover - ORT is a dependency
+        return
+    proto = ir.to_proto(model)
+    graph = proto.graph
+    keep = []
+    for t in graph.initializer:
+        if onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize * max(1, int(np.prod(t.dims))) > 4096:
+            graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            keep.append(t)
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
+    except Exception as e:  # noqa: BLE001 - best effort: unknown shapes only block channels
+        logger.info("symbolic shape inference failed: %s", e)
+        return
+    types = {
+        vi.name: vi.type.tensor_type
+        for vi in (*inferred.graph.value_info, *inferred.graph.output)
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")
+    }
+    for node in model.graph.all_nodes():
+        for v in node.outputs:
+            t = types.get(v.name)
+            if v.shape is None and t is not None:
+                v.shape = ir.Shape([d.dim_value if d.HasField("dim_value") else ir.SymbolicDim(d.dim_param or None) for d in t.shape.dim])
+                if v.dtype is None and t.elem_type:
+                    v.dtype = ir.DataType(t.elem_type)
 
 
 def _remove_unused_initializers(model: ir.Model) -> bool:

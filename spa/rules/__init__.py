@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from spa.rules import (  # noqa: F401  (registration)
+    attention,
     concat_split,
     control_flow,
     conv,

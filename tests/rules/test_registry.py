@@ -13,6 +13,7 @@ from spa.rules import get_rule, registered_ops
 
 # family module → op types it registers (all in the default ONNX domain).
 EXPECTED: dict[str, set[str]] = {
+    "attention": {"Attention"},
     "concat_split": {"Concat", "Slice", "Split"},
     "control_flow": {"If"},
     "conv": {"Conv", "ConvTranspose"},
@@ -50,8 +51,18 @@ EXPECTED: dict[str, set[str]] = {
 }
 
 
+# com.microsoft (ONNX Runtime contrib) ops, family module → op types.
+EXPECTED_MS: dict[str, set[str]] = {
+    "attention": {
+        "Attention", "MultiHeadAttention", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization",
+        "BiasGelu", "FastGelu", "BiasAdd", "Gelu", "QuickGelu",
+    },
+}
+
+
 def test_registry_key_set_is_pinned():
     expected = {("", op) for ops in EXPECTED.values() for op in ops}
+    expected |= {("com.microsoft", op) for ops in EXPECTED_MS.values() for op in ops}
     got = registered_ops()
     assert got == expected, f"unexpected: {sorted(got - expected)}; missing: {sorted(expected - got)}"
 
@@ -73,6 +84,7 @@ def test_families_are_disjoint():
 def test_ai_onnx_is_the_default_domain():
     assert get_rule("ai.onnx", "Conv") is get_rule("", "Conv")
     assert get_rule("com.microsoft", "Conv") is None
+    assert get_rule("com.microsoft", "Attention") is not get_rule("", "Attention")
     assert get_rule("", "DepthToSpace") is None
 
 
