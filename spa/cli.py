@@ -27,7 +27,7 @@ from spa.criteria import CRITERIA
 from spa.errors import OutputError, SpaError, UnsupportedError, UsageError, VerificationError
 from spa.pipeline import PruneOptions, analyze, apply as apply_plan, execute_plan, make_plan
 from spa.planning import Plan
-from spa.report import Report, Timer
+from spa.report import Report, Timer, human
 from spa.verify import parse_input_shapes
 from spa.viz import render_html
 
@@ -137,22 +137,14 @@ def _check_output(inp: str, output: str | None, in_place: bool, suffix: str = ".
     return path
 
 
-def _human(n: float) -> str:
-    for unit in ("", "K", "M", "G", "T"):
-        if abs(n) < 1000:
-            return f"{n:.3g}{unit}"
-        n /= 1000
-    return f"{n:.3g}P"
-
-
 def _print_report(r: Report) -> None:
     t = Table(title="spa prune", show_lines=False)
     t.add_column("")
     t.add_column("before", justify="right")
     t.add_column("after", justify="right")
     t.add_column("ratio", justify="right")
-    t.add_row("params", _human(r.params_before), _human(r.params_after), f"{r.params_ratio:.3f}")
-    t.add_row("FLOPs", _human(r.flops_before), _human(r.flops_after), f"{r.flops_ratio:.3f}")
+    t.add_row("params", human(r.params_before), human(r.params_after), f"{r.params_ratio:.3f}")
+    t.add_row("FLOPs", human(r.flops_before), human(r.flops_after), f"{r.flops_ratio:.3f}")
     if r.latency_ms_before is not None:
         t.add_row("ORT latency (ms)", f"{r.latency_ms_before:.3f}", f"{r.latency_ms_after:.3f}", f"{r.speedup:.2f}× faster")
     out.print(t)
@@ -276,7 +268,7 @@ def inspect(model, as_json, show_all, html_path) -> None:
         if as_json:
             click.echo(json.dumps({"model": a.source, "params": cost.params, "flops": cost.flops, "macs": cost.macs, "groups": rows}, indent=1))
             return
-        t = Table(title=f"{a.source}: {len(rows)} channel groups · params {_human(cost.params)} · FLOPs {_human(cost.flops)}")
+        t = Table(title=f"{a.source}: {len(rows)} channel groups · params {human(cost.params)} · FLOPs {human(cost.flops)}")
         for col in ("group", "status", "units", "frozen", "weights", "why frozen"):
             t.add_column(col)
         for r in rows:

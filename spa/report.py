@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["Report", "Timer"]
+__all__ = ["Report", "Timer", "human"]
 
 
 @dataclasses.dataclass
@@ -87,3 +87,12 @@ class Timer:
             yield
         finally:
             self.timings[stage] = round(self.timings.get(stage, 0.0) + time.perf_counter() - t0, 4)
+
+
+def human(n: float) -> str:
+    """1234567 → '1.23M' (params, FLOPs in tables)."""
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.3g}{unit}"
+        n /= 1000
+    return f"{n:.3g}P"

@@ -30,6 +30,7 @@ import networkx as nx
 import onnx_ir as ir
 
 from spa.analysis.channels import ChannelGraph, Group
+from spa.report import human
 from spa.analysis.cost import Cost
 from spa.rules.base import Blocked, Role
 
@@ -141,14 +142,6 @@ def _shape(v: ir.Value) -> str:
     return "?" if v.shape is None else "×".join(str(d) for d in v.shape) or "scalar"
 
 
-def _human(n: float) -> str:
-    for unit in ("", "K", "M", "G", "T"):
-        if abs(n) < 1000:
-            return f"{n:.3g}{unit}"
-        n /= 1000
-    return f"{n:.3g}P"
-
-
 def _boxes(
     graph: ir.Graph, cg: ChannelGraph, reasons: dict[Blocked, list[str]], flops: dict[str, tuple[int, int]]
 ) -> tuple[dict[str, _Box], nx.DiGraph]:
@@ -192,7 +185,7 @@ def _boxes(
         if reads is not None and reads is not group:
             lines.append(f"reads: group {reads.id}")
         if node.name in flops and flops[node.name][1]:
-            lines.append(f"FLOPs: {_human(flops[node.name][1])}")
+            lines.append(f"FLOPs: {human(flops[node.name][1])}")
         label = node.op_type if not node.domain else f"{node.domain}::{node.op_type}"
         add(_Box(key, "op", label, _short(node.name or ""), "\n".join(lines) + _why(blocks), _text_w(label, _short(node.name or ""), 90), group, reads, blocks, node.name))
         for v in data:
@@ -522,7 +515,7 @@ def _sidebar(
         f"<h1>{_esc(analysis.source)}</h1>",
         f'<p class="sum">{n_ops} ops · {len(candidates)} channel groups: '
         f'{status["prunable"]} prunable, {status["partly frozen"]} partly frozen, {status["blocked"]} blocked'
-        f" · params {_human(cost.params)} · FLOPs {_human(cost.flops)}</p>",
+        f" · params {human(cost.params)} · FLOPs {human(cost.flops)}</p>",
         '<p class="keys"><span class="k"><svg width="22" height="14"><rect x="1" y="1" width="20" height="12" rx="3" fill="#fff" stroke="#8a9099"/></svg>no channel group</span>'
         '<span class="k"><svg width="22" height="14"><rect x="1" y="1" width="20" height="12" rx="3" fill="#ccc" stroke="#777"/><rect x="1" y="1" width="20" height="12" rx="3" fill="url(#hatch-full)"/></svg>frozen</span>'
         '<span class="k"><svg width="22" height="14"><rect x="2" y="2" width="18" height="10" rx="3" fill="#fff" stroke="#d11" stroke-width="3"/></svg>⊘ blocks channels</span>'
