@@ -30,8 +30,8 @@ import networkx as nx
 import onnx_ir as ir
 
 from spa.analysis.channels import ChannelGraph, Group
-from spa.report import human
 from spa.analysis.cost import Cost
+from spa.report import human
 from spa.rules.base import Blocked, Role
 
 if TYPE_CHECKING:
