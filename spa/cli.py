@@ -28,7 +28,7 @@ from spa.errors import OutputError, SpaError, UnsupportedError, UsageError, Veri
 from spa.pipeline import PruneOptions, analyze, apply as apply_plan, execute_plan, make_plan
 from spa.planning import Plan
 from spa.report import Report, Timer, human
-from spa.verify import parse_input_shapes
+from spa.verify import parse_input_shapes, parse_input_values
 from spa.viz import render_html
 
 __all__ = ["main", "cli"]
@@ -91,6 +91,7 @@ def _common_prune_options(f):
         click.option("--flops-target", type=float, default=None, help="Keep ≤ F of the original FLOPs (searches the ratio)."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:1x3x224x224", help="Shape for an input with dynamic dims (repeatable)."),
+        click.option("--input-value", "input_values", multiple=True, metavar="NAME=VALUE", help="Fill an input with a constant instead of random values (e.g. sr=16000)."),
         click.option(
             "--allow-inexact",
             is_flag=True,
@@ -102,21 +103,15 @@ def _common_prune_options(f):
     return f
 
 
-def _options(ratio, criterion, allocation, min_keep, round_to, flops_target, seed, input_shapes, allow_inexact, verify="full", bench=True) -> PruneOptions:
+def _options(*, criterion: str, input_shapes: tuple[str, ...], input_values: tuple[str, ...] = (), **kw: Any) -> PruneOptions:
+    """PruneOptions from the shared prune/plan flags (names match PruneOptions' fields)."""
     if criterion in PLANNED_CRITERIA:
         raise UnsupportedError(f"criterion '{criterion}' is not available yet (available: {', '.join(sorted(CRITERIA))})")
     opts = PruneOptions(
-        ratio=ratio,
         criterion=criterion,
-        allocation=allocation,
-        min_keep=min_keep,
-        round_to=round_to,
-        flops_target=flops_target,
-        seed=seed,
         input_shapes=parse_input_shapes(input_shapes),
-        allow_inexact=allow_inexact,
-        verify=verify,
-        benchmark=bench,
+        input_values=parse_input_values(input_values),
+        **kw,
     )
     opts.validate()
     return opts
@@ -187,18 +182,18 @@ def cli(verbose: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report JSON on stdout (for build scripts).")
 @click.option("--quiet", is_flag=True, help="Print nothing on success.")
 @click.option("--in-place", is_flag=True, help="Allow writing over the input file.")
-def prune(model, output, ratio, criterion, allocation, min_keep, round_to, flops_target, seed, input_shapes, allow_inexact, compensate, calibration, target, verify, no_bench, report_path, as_json, quiet, in_place) -> None:
+def prune(model, output, compensate, calibration, target, verify, no_bench, report_path, as_json, quiet, in_place, **flags) -> None:
     """Prune MODEL and write the smaller model."""
     with _errors():
         if compensate != "none":
             raise UnsupportedError(f"--compensate {compensate} is not available yet (only 'none')")
         if target != "onnx":
             raise UnsupportedError(f"--target {target} is not available yet (only 'onnx')")
-        opts = _options(ratio, criterion, allocation, min_keep, round_to, flops_target, seed, input_shapes, allow_inexact, verify, not no_bench)
+        opts = _options(verify=verify, benchmark=not no_bench, **flags)
         out_path = _check_output(model, output, in_place)
         with _Progress(not (quiet or as_json)) as on_stage:
             timer = Timer(on_stage)
-            analysis = analyze(model, timer, allow_inexact=allow_inexact)
+            analysis = analyze(model, timer, allow_inexact=opts.allow_inexact)
             plan, notes = make_plan(analysis, opts, timer)
             result = execute_plan(analysis, plan, opts, timer, notes)
             with timer("save"):
@@ -282,14 +277,14 @@ def inspect(model, as_json, show_all, html_path) -> None:
 @click.argument("model", type=click.Path(dir_okay=True))
 @click.option("-o", "--output", type=click.Path(), required=True, help="Where to write the plan JSON.")
 @_common_prune_options
-def plan_cmd(model, output, ratio, criterion, allocation, min_keep, round_to, flops_target, seed, input_shapes, allow_inexact) -> None:
+def plan_cmd(model, output, **flags) -> None:
     """Decide what to prune (no surgery) and write the plan as JSON."""
     with _errors():
-        opts = _options(ratio, criterion, allocation, min_keep, round_to, flops_target, seed, input_shapes, allow_inexact)
+        opts = _options(**flags)
         out_path = pathlib.Path(output)
         if not out_path.resolve().parent.is_dir():
             raise OutputError(f"cannot write '{output}': folder does not exist")
-        a = analyze(model, allow_inexact=allow_inexact)
+        a = analyze(model, allow_inexact=opts.allow_inexact)
         plan, _ = make_plan(a, opts)
         out_path.write_text(plan.dumps() + "\n")
         pruned = sum(1 for g in plan.groups if g.removed)
@@ -302,16 +297,20 @@ def plan_cmd(model, output, ratio, criterion, allocation, min_keep, round_to, fl
 @click.option("-o", "--output", type=click.Path(), default=None)
 @click.option("--verify", type=click.Choice(["full", "check", "none"]), default="full", show_default=True)
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:1x3x224x224")
+@click.option("--input-value", "input_values", multiple=True, metavar="NAME=VALUE")
 @click.option("--report", "report_path", type=click.Path(), default=None)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--quiet", is_flag=True)
 @click.option("--in-place", is_flag=True)
-def apply_cmd(model, plan_file, output, verify, input_shapes, report_path, as_json, quiet, in_place) -> None:
+def apply_cmd(model, plan_file, output, verify, input_shapes, input_values, report_path, as_json, quiet, in_place) -> None:
     """Replay PLAN_FILE (from `spa plan`) on MODEL."""
     with _errors():
         plan = _read_plan(plan_file)
         out_path = _check_output(model, output, in_place)
-        result = apply_plan(model, plan, verify=verify, benchmark=False, input_shapes=parse_input_shapes(input_shapes))
+        result = apply_plan(
+            model, plan, verify=verify, benchmark=False,
+            input_shapes=parse_input_shapes(input_shapes), input_values=parse_input_values(input_values),
+        )
         written = io.save_model(result.model, out_path, source_path=model, in_place=in_place)
         result.report.output = str(written)
         _emit(result.report.to_json(), report_path, as_json)

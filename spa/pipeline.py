@@ -54,6 +54,7 @@ class PruneOptions:
     flops_target: float | None = None
     seed: int = 0
     input_shapes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    input_values: dict[str, float] = dataclasses.field(default_factory=dict)
     allow_inexact: bool = False
     verify: str = "full"
     benchmark: bool = True
@@ -212,7 +213,7 @@ def execute_plan(
             with timer("snapshot"):
                 # Fail fast (before surgery) if ORT cannot run the input on these shapes.
                 sess = verify_mod.session(original_path)
-                feeds = verify_mod.make_inputs(sess, options.input_shapes, options.seed)
+                feeds = verify_mod.make_inputs(sess, options.input_shapes, options.seed, options.input_values)
                 verify_mod.run(sess, feeds)
                 del sess
         with timer("prune"):
@@ -384,6 +385,3 @@ def apply(source: ModelSource, plan: Plan, *, timer: Timer | None = None, **kwar
         )
     return execute_plan(analysis, plan, options, timer)
 
-
-def input_shapes_arg(specs: Sequence[str]) -> dict[str, list[int]]:
-    return verify_mod.parse_input_shapes(specs)

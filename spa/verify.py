@@ -29,6 +29,7 @@ from spa.planning import Plan
 __all__ = [
     "OracleResult",
     "parse_input_shapes",
+    "parse_input_values",
     "make_inputs",
     "session",
     "run",
@@ -42,15 +43,10 @@ logger = logging.getLogger(__name__)
 RTOL = 1e-4
 ATOL = 1e-5
 
-_NP_OF_ONNX = {
-    onnx.TensorProto.FLOAT: np.float32,
-    onnx.TensorProto.DOUBLE: np.float64,
-    onnx.TensorProto.FLOAT16: np.float16,
-    onnx.TensorProto.INT64: np.int64,
-    onnx.TensorProto.INT32: np.int32,
-    onnx.TensorProto.INT8: np.int8,
-    onnx.TensorProto.UINT8: np.uint8,
-    onnx.TensorProto.BOOL: np.bool_,
+_NP_OF_TYPE = {
+    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
 }
 
 
@@ -73,6 +69,20 @@ def parse_input_shapes(specs: Sequence[str]) -> dict[str, list[int]]:
         if not m:
             raise UsageError(f"--input-shape '{spec}' is not NAME:DxDx… (e.g. input:1x3x224x224)")
         out[m.group(1)] = [int(d) for d in re.split(r"[x,]", m.group(2))]
+    return out
+
+
+def parse_input_values(specs: Sequence[str]) -> dict[str, float]:
+    """``["sr=16000"]`` → ``{"sr": 16000.0}``: inputs filled with a constant (a sample rate, a flag)."""
+    out: dict[str, float] = {}
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        try:
+            if not sep or not name.strip():
+                raise ValueError
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise UsageError(f"--input-value '{spec}' is not NAME=NUMBER (e.g. sr=16000)") from None
     return out
 
 
@@ -111,7 +121,9 @@ def run(sess, feeds: Mapping[str, np.ndarray], *, pruned: bool = False) -> list[
         raise UsageError(f"ONNX Runtime fails to run the model on random inputs ({first}); give --input-shape NAME:DxD…") from e
 
 
-def make_inputs(sess, shapes: Mapping[str, Sequence[int]] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+def make_inputs(
+    sess, shapes: Mapping[str, Sequence[int]] | None = None, seed: int = 0, values: Mapping[str, float] | None = None
+) -> dict[str, np.ndarray]:
     """Seeded random inputs; symbolic dims are 1 on axis 0 and 64 elsewhere unless given
     (64: divisible by the strides of detection nets, long enough for most sequences)."""
     rng = np.random.default_rng(seed)
@@ -123,19 +135,15 @@ def make_inputs(sess, shapes: Mapping[str, Sequence[int]] | None = None, seed: i
         else:
             shape = [d if isinstance(d, int) and d >= 0 else (1 if i == 0 else 64) for i, d in enumerate(inp.shape)]
         t = inp.type
-        if "float16" in t:
-            feeds[inp.name] = rng.standard_normal(shape).astype(np.float16)
-        elif "double" in t:
-            feeds[inp.name] = rng.standard_normal(shape)
-        elif "float" in t:
-            feeds[inp.name] = rng.standard_normal(shape).astype(np.float32)
-        elif "bool" in t:
-            feeds[inp.name] = rng.integers(0, 2, shape).astype(np.bool_)
-        elif "int" in t:
-            dtype = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8}.get(t, np.int64)
+        dtype = _NP_OF_TYPE.get(t)
+        if dtype is None:
+            raise UsageError(f"cannot generate a value for input '{inp.name}' of type {t}")
+        if values and inp.name in values:
+            feeds[inp.name] = np.full(shape, values[inp.name], dtype=dtype)
+        elif np.issubdtype(dtype, np.floating):
+            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
+        else:  # ids, masks, flags: small non-negative integers are valid for all of them
             feeds[inp.name] = rng.integers(0, 2, shape).astype(dtype)
-        else:
-            raise UsageError(f"cannot generate a random value for input '{inp.name}' of type {t}")
     return feeds
 
 
