@@ -26,6 +26,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from spa.passes.fold_shapes import FoldShapesPass
+from spa.passes.resolve_reshapes import ResolveReshapesPass
 
 __all__ = ["CanonicalizePass"]
 
@@ -105,6 +106,11 @@ def infer_shapes(model: ir.Model) -> None:
     if filled:
         _infer(model)
         _unknown_dims_are_symbolic(model)
+    for _ in range(3):  # each resolved Reshape can unlock the next one downstream
+        if not ResolveReshapesPass()(model).modified:
+            break
+        _infer(model)
+        _unknown_dims_are_symbolic(model)
     if any(n.domain == "com.microsoft" for n in model.graph.all_nodes()):
         _infer_contrib(model)
         _unknown_dims_are_symbolic(model)
@@ -129,7 +135,14 @@ def _infer_contrib(model: ir.Model) -> None:
     del graph.initializer[:]
     graph.initializer.extend(keep)
     try:
-        inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
+        # SymbolicShapeInference.infer_shapes would write "sym_shape_infer_temp.onnx" into the
+        # working directory when inference is incomplete; run its loop and keep partial results.
+        ssi = SymbolicShapeInference(2**31 - 1, True, False, 0)
+        ssi._preprocess(proto)
+        while ssi.run_:
+            ssi._infer_impl()
+        ssi._update_output_from_vi()
+        inferred = ssi.out_mp_
     except Exception as e:  # noqa: BLE001 - best effort: unknown shapes only block channels
         logger.info("symbolic shape inference failed: %s", e)
         return

@@ -369,8 +369,10 @@ class RewriteContext:
     def set_attr(self, name: str, value) -> None:
         self.rewrites.append(AttrRewrite(self.node.name, name, value))
 
-    def set_const(self, index: int, value: Iterable[int]) -> None:
-        self.rewrites.append(ConstRewrite(self.node.name, index, [int(x) for x in value]))
+    def set_const(self, index: int, value: Iterable[int], *, node: str | None = None) -> None:
+        """Replace constant input ``index`` of this node (or of ``node``, a shape-building
+        Concat this node alone reads) by ``value``."""
+        self.rewrites.append(ConstRewrite(node or self.node.name, index, [int(x) for x in value]))
 
 
 class ChannelRule(Protocol):

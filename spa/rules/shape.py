@@ -160,8 +160,12 @@ def _strides(sizes: list[int]) -> list[int]:
     return [math.prod(sizes[k + 1 :]) for k in range(len(sizes))]
 
 
-def tie_reshape(ctx: CouplingContext, x: ir.Value, y: ir.Value) -> None:
-    """Tie channels through a static reshape (Reshape or Flatten), by segments."""
+def tie_reshape(ctx: CouplingContext, x: ir.Value, y: ir.Value, fixed_out: frozenset[int] = frozenset()) -> None:
+    """Tie channels through a static reshape (Reshape or Flatten), by segments.
+
+    ``fixed_out``: output axes whose size cannot be rewritten (computed at run time from
+    ``Shape``, or spelled in a target shared with other Reshapes): they never carry channels.
+    """
     if x.shape is None or y.shape is None:
         return
     ins, outs = list(x.shape.dims), list(y.shape.dims)
@@ -171,11 +175,13 @@ def tie_reshape(ctx: CouplingContext, x: ir.Value, y: ir.Value) -> None:
         if not sa or not sb:
             continue
         if len(sa) == 1 and len(sb) == 1:
-            ctx.tie(x, sa[0], y, sb[0])
+            if sb[0] not in fixed_out:
+                ctx.tie(x, sa[0], y, sb[0])
         elif len(sa) == 1:
-            _tie_split(ctx, x, sa[0], y, sb, [int(outs[j]) for j in sb])
+            _tie_split(ctx, x, sa[0], y, sb, [int(outs[j]) for j in sb], fixed_out)
         elif len(sb) == 1:
-            _tie_merge(ctx, x, sa, [int(ins[i]) for i in sa], y, sb[0])
+            if sb[0] not in fixed_out:
+                _tie_merge(ctx, x, sa, [int(ins[i]) for i in sa], y, sb[0])
         else:
             reason = f"{ctx.node.op_type} '{ctx.name}' regroups axes {sa} into {sb}: no channel mapping can be proven"
             for i in sa:
@@ -206,11 +212,15 @@ def _feeds_attention(value: ir.Value, depth: int = 6) -> bool:
     return False
 
 
-def _tie_split(ctx: CouplingContext, x: ir.Value, axis: int, y: ir.Value, outs: list[int], sizes: list[int]) -> None:
+def _tie_split(
+    ctx: CouplingContext, x: ir.Value, axis: int, y: ir.Value, outs: list[int], sizes: list[int], fixed_out: frozenset[int] = frozenset()
+) -> None:
     if _feeds_attention(y):
         k = 0  # heads: whole heads are the units
     else:
         k = max(range(len(sizes)), key=lambda t: (sizes[t], t))  # largest, innermost on ties
+    if outs[k] in fixed_out:
+        return  # the carrier's size cannot be rewritten: leave the channels unmapped (frozen)
     stride = _strides(sizes)[k]
     channels = np.arange(math.prod(sizes))
     ctx.tie(x, axis, y, outs[k], channels, (channels // stride) % sizes[k])
@@ -233,41 +243,121 @@ class FlattenRule(NoRewrite):
         tie_reshape(ctx, x, y)
 
 
+def _constant(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or value.const_value is None or not value.is_initializer() or value.is_graph_input():
+        return None
+    return value.const_value.numpy()
+
+
+def target_entries(shape_v: ir.Value) -> tuple[list[int | None], list[tuple[ir.Node | None, int, int] | None]] | None:
+    """The entries of a Reshape target, and where each constant one lives.
+
+    A constant target gives ints. A target assembled by a Concat (exporters build
+    ``[batch, seq, -1, 32]`` from ``Shape`` pieces and constants) gives None for the pieces
+    computed at run time and ints for the constant pieces; ``where`` says (node, input, offset)
+    of each constant entry so it can be rewritten. None when the target is neither.
+    """
+    const = _constant(shape_v)
+    if const is not None:
+        flat = [int(v) for v in const.reshape(-1)]
+        return flat, [(None, 1, k) for k in range(len(flat))]
+    src = shape_v.producer() if shape_v is not None else None
+    if src is None or src.op_type != "Concat":
+        return None
+    # A target shared with other Reshapes (Q, K and V of one layer) cannot be rewritten for
+    # one of them: its explicit sizes are then fixed (only -1 entries may change).
+    shared = len(shape_v.uses()) != 1
+    entries: list[int | None] = []
+    where: list[tuple[ir.Node | None, int, int] | None] = []
+    for j, piece in enumerate(src.inputs):
+        c = _constant(piece)
+        if c is not None:
+            for k, v in enumerate(c.reshape(-1)):
+                entries.append(int(v))
+                where.append(None if shared else (src, j, k))
+        elif piece is not None and piece.shape is not None and len(piece.shape) == 1 and isinstance(piece.shape[0], int):
+            entries.extend([None] * piece.shape[0])
+            where.extend([None] * piece.shape[0])
+        else:
+            return None
+    return entries, where
+
+
 @register("Reshape")
 class ReshapeRule:
     def couplings(self, node: ir.Node, ctx: CouplingContext) -> None:
         x, shape_v, y = ctx.input(0), ctx.input(1), ctx.output(0)
-        if ctx.const(shape_v) is None:
+        spec = target_entries(shape_v)
+        if spec is None:
             ctx.block_all(BlockCode.DATA_DEPENDENT, f"Reshape '{ctx.name}': the target shape is computed at run time")
             return
         if ctx.rank(x) is None or ctx.rank(y) is None:
             return
-        tie_reshape(ctx, x, y)
+        entries, where = spec
+        fixed = frozenset(k for k, (e, w) in enumerate(zip(entries, where)) if e is None or (w is None and e != -1))
+        tie_reshape(ctx, x, y, fixed)
 
     def rewrite(self, node: ir.Node, ctx: RewriteContext) -> None:
         x, shape_v, y = node.inputs[0], node.inputs[1], node.outputs[0]
         if not ctx.changed(x, y):
             return
-        spec = [int(s) for s in shape_v.const_value.numpy().reshape(-1)]
+        entries, where = target_entries(shape_v)
         allowzero = "allowzero" in node.attributes and int(node.attributes["allowzero"].value) == 1
-        new = list(spec)
-        for k, s in enumerate(spec):
-            if s == -1:
+        pieces: dict[tuple[str | None, int], list[int]] = {}
+        for k, s in enumerate(entries):
+            if s is None or s == -1:
                 continue
             out_size = ctx.new_size(y, k)
-            if s == 0 and not allowzero:
-                if k < len(x.shape) and ctx.new_size(x, k) == out_size:
-                    continue
+            if s == 0 and not allowzero and k < len(x.shape) and ctx.new_size(x, k) == out_size:
+                continue
             if out_size is None:
                 raise ValueError(f"Reshape '{node.name}': axis {k} changed but has no static size")
-            new[k] = out_size
-        if new != spec:
-            ctx.set_const(1, new)
+            if out_size == s:
+                continue
+            if where[k] is None:
+                raise ValueError(f"Reshape '{node.name}': axis {k} changed but its size is fixed in a shared target")
+            src, index, offset = where[k]
+            key = (None if src is None else src.name, index)
+            if key not in pieces:
+                owner = node if src is None else src
+                pieces[key] = [int(v) for v in _constant(owner.inputs[index]).reshape(-1)]
+            pieces[key][offset] = out_size
+        for (owner, index), values in sorted(pieces.items(), key=lambda kv: (kv[0][0] or "", kv[0][1])):
+            ctx.set_const(index, values, node=owner)
+
+
+def _shape_entries_read(out: ir.Value, n: int) -> set[int] | None:
+    """Which entries of a Shape output its consumers read, when every consumer picks
+    constant entries (Gather on axis 0, step-1 Slice); None when something reads it whole."""
+    read: set[int] = set()
+    for node, index in out.uses():
+        if index != 0:
+            return None
+        if node.op_type == "Gather":
+            idx = _constant(node.inputs[1])
+            axis = int(node.attributes["axis"].value) if "axis" in node.attributes else 0
+            if idx is None or axis != 0:
+                return None
+            read.update(int(i) % n for i in idx.reshape(-1))
+        elif node.op_type == "Slice":
+            starts, ends = _constant(node.inputs[1]), _constant(node.inputs[2])
+            steps = _constant(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else None
+            if starts is None or ends is None or (steps is not None and int(steps.reshape(-1)[0]) != 1):
+                return None
+            lo, hi, _ = slice(int(starts.reshape(-1)[0]), int(ends.reshape(-1)[0]), 1).indices(n)
+            read.update(range(lo, hi))
+        else:
+            return None
+    return read
 
 
 @register("Shape")
 class ShapeRule(NoRewrite):
-    """Shape reads sizes: axes it reports are frozen, the others may change freely."""
+    """Shape reads sizes: the axes whose sizes are used are frozen, the others may change.
+
+    When every consumer picks constant entries (``x.size(0)``: Gather 0), only those axes
+    are read; otherwise every reported axis is.
+    """
 
     def couplings(self, node: ir.Node, ctx: CouplingContext) -> None:
         x = ctx.input(0)
@@ -276,9 +366,11 @@ class ShapeRule(NoRewrite):
             return
         start = int(ctx.attr("start", 0))
         end = ctx.attr("end")
-        reported = range(rank)[slice(start, None if end is None else int(end))]
+        reported = list(range(rank))[slice(start, None if end is None else int(end))]
+        picked = _shape_entries_read(node.outputs[0], len(reported)) if reported else set()
+        read = set(reported) if picked is None else {reported[i] for i in picked}
         for ax in range(rank):
-            if ax in reported:
+            if ax in read:
                 ctx.block(x, ax, BlockCode.DATA_DEPENDENT, f"Shape '{ctx.name}' reports the size of axis {ax} of '{x.name}'")
             else:
                 ctx.allow(x, ax)

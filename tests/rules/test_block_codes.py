@@ -58,19 +58,15 @@ def _dynamic_shape():
 
 
 def _data_dependent():
-    # A torch flatten with a dynamic batch: the target shape is computed at run time.
+    # The Slice start is a graph input: which channels it keeps is only known at run time.
     return model(
         """
-        g (float[N,3,2,2] x) => (float[N,5] y) {
+        g (float[1,3,2,2] x, int64[1] st) => (float[1,1,2,2] y) {
           a = Conv <pads=[1,1,1,1]> (x, w1, b1)
-          sh = Shape(x)
-          n = Slice(sh, zero, one)
-          shp = Concat <axis=0> (n, minus_one)
-          f = Reshape(a, shp)
-          y = Gemm (f, wf, bf)
+          s = Slice(a, st, en, ax)
+          y = ReduceMean <axes=[1]> (s)
         }""",
-        w1=(8, 3, 3, 3), b1=(8,), wf=(32, 5), bf=(5,),
-        zero=np.array([0], np.int64), one=np.array([1], np.int64), minus_one=np.array([-1], np.int64),
+        w1=(8, 3, 3, 3), b1=(8,), en=np.array([100], np.int64), ax=np.array([1], np.int64),
     )
 
 

@@ -172,9 +172,25 @@ def _torch_flatten(batch: str):
     )
 
 
-def test_reshape_with_computed_shape_blocks():
-    # A dynamic batch keeps the shape computation alive: the Reshape cannot be proven.
-    m = _torch_flatten("N")
+def test_reshape_with_dynamic_batch_target_is_resolved():
+    # shape = concat(shape(x)[0:1], [-1]) with a symbolic batch: the target is evaluated
+    # symbolically ([N, -1] of [N, 8, 2, 2] is [N, 32]) and the Flatten block is proven.
+    res = prune_and_check(_torch_flatten("N"), sliced={"w1": 0, "wf": 0})
+    kept = kept_of(res, "w1", 0)
+    assert kept_of(res, "wf", 0) == [4 * c + t for c in kept for t in range(4)]
+
+
+def test_reshape_with_unprovable_computed_target_blocks():
+    # A target read from a tensor's *values* cannot be evaluated: DATA_DEPENDENT.
+    m = model(
+        """
+        g (float[1,3,2,2] x, int64[2] t) => (float[1,5] y) {
+          a = Conv <pads=[1,1,1,1]> (x, w1, b1)
+          f = Reshape (a, t)
+          y = Gemm (f, wf, bf)
+        }""",
+        w1=(8, 3, 3, 3), b1=(8,), wf=(32, 5), bf=(5,),
+    )
     assert BlockCode.DATA_DEPENDENT in group_codes(m, "a", 1)
     assert group_of(m, "a", 1).n_free == 0
 
