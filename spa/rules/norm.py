@@ -18,11 +18,33 @@ from spa.rules.base import BlockCode, CouplingContext, NoRewrite, RewriteContext
 __all__ = ["PerChannelNormRule", "GroupNormRule", "LayerNormRule", "LRNRule"]
 
 
+def _tie_batch_and_channels(ctx: CouplingContext, x: ir.Value | None, y: ir.Value | None) -> None:
+    """Batch and channel axes map one to one; an Instance/GroupNorm *mixes* its spatial axes
+    (mean and variance over them), so those are blocked — they can carry channels after a
+    Reshape (GroupNorm(1) written as Reshape → InstanceNorm → Reshape)."""
+    rank = ctx.rank(x)
+    if rank is None or ctx.rank(y) != rank:
+        return
+    for ax in range(rank):
+        if ax < 2:
+            ctx.tie(x, ax, y, ax)
+        else:
+            reason = f"{ctx.node.op_type} '{ctx.name}' normalizes over axis {ax}"
+            ctx.block(x, ax, BlockCode.CHANNEL_MIXING, reason)
+            ctx.block(y, ax, BlockCode.CHANNEL_MIXING, reason)
+
+
 @register("BatchNormalization", "InstanceNormalization")
 class PerChannelNormRule(NoRewrite):
+    """BatchNorm (inference) is a per-channel affine map: every axis maps one to one.
+    InstanceNorm normalizes each channel over its spatial axes, which therefore mix."""
+
     def couplings(self, node: ir.Node, ctx: CouplingContext) -> None:
         x, y = ctx.input(0), ctx.output(0)
-        tie_same_shape(ctx, x, y)
+        if node.op_type == "InstanceNormalization":
+            _tie_batch_and_channels(ctx, x, y)
+        else:
+            tie_same_shape(ctx, x, y)
         for p in node.inputs[1:]:
             if p is not None and ctx.tie(p, 0, y, 1):
                 ctx.weight(p, 0, Role.PARAM)
@@ -35,7 +57,7 @@ class PerChannelNormRule(NoRewrite):
 class GroupNormRule:
     def couplings(self, node: ir.Node, ctx: CouplingContext) -> None:
         x, y = ctx.input(0), ctx.output(0)
-        tie_same_shape(ctx, x, y)
+        _tie_batch_and_channels(ctx, x, y)
         c = ctx.size(x, 1)
         groups = int(ctx.attr("num_groups", 0))
         if c is None or groups <= 0 or c % groups:

@@ -128,3 +128,23 @@ def test_lrn_blocks():
     )
     assert BlockCode.CHANNEL_MIXING in group_codes(m, "a", 1)
     assert group_of(m, "a", 1).n_free == 0
+
+
+def test_instancenorm_over_channels_moved_into_space_is_blocked():
+    # GroupNorm(1 group) as timm's ShViT writes it: [1, C, 1, 1] → [1, 1, C] → InstanceNorm
+    # (normalizes over the last axis, i.e. over the channels) → back. Removing a channel would
+    # change the statistics of all the others: the channels must stay (caught in the zoo).
+    m = model(
+        """
+        g (float[1,3,1,1] x) => (float[1,4,1,1] y) {
+          a = Conv (x, w1, b1)
+          r = Reshape (a, s1)
+          n = InstanceNormalization (r, sc, bi)
+          b = Reshape (n, s2)
+          y = Conv (b, w2, b2)
+        }""",
+        w1=(8, 3, 1, 1), b1=(8,), sc=(1,), bi=(1,), w2=(4, 8, 1, 1), b2=(4,),
+        s1=np.array([1, 1, 8], np.int64), s2=np.array([1, 8, 1, 1], np.int64),
+    )
+    assert BlockCode.CHANNEL_MIXING in group_codes(m, "a", 1)
+    assert group_of(m, "a", 1).n_free == 0
