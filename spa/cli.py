@@ -193,7 +193,7 @@ def prune(model, output, compensate, calibration, target, verify, no_bench, repo
         out_path = _check_output(model, output, in_place)
         with _Progress(not (quiet or as_json)) as on_stage:
             timer = Timer(on_stage)
-            analysis = analyze(model, timer, allow_inexact=opts.allow_inexact)
+            analysis = analyze(model, timer, allow_inexact=opts.allow_inexact, input_shapes=opts.input_shapes)
             plan, notes = make_plan(analysis, opts, timer)
             result = execute_plan(analysis, plan, opts, timer, notes)
             with timer("save"):
@@ -284,7 +284,7 @@ def plan_cmd(model, output, **flags) -> None:
         out_path = pathlib.Path(output)
         if not out_path.resolve().parent.is_dir():
             raise OutputError(f"cannot write '{output}': folder does not exist")
-        a = analyze(model, allow_inexact=opts.allow_inexact)
+        a = analyze(model, allow_inexact=opts.allow_inexact, input_shapes=opts.input_shapes)
         plan, _ = make_plan(a, opts)
         out_path.write_text(plan.dumps() + "\n")
         pruned = sum(1 for g in plan.groups if g.removed)

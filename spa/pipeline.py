@@ -108,7 +108,26 @@ def load(source: ModelSource) -> tuple[ir.Model, str, str | None]:
     return io.load_model(source), "<onnx.ModelProto>", None
 
 
-def analyze(source: ModelSource, timer: Timer | None = None, *, allow_inexact: bool = False) -> Analysis:
+def _dim_values(model: ir.Model, input_shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
+    """Symbolic input dims named by ``--input-shape`` (batch, sequence …) for FLOP counts."""
+    values: dict[str, int] = {}
+    for v in model.graph.inputs:
+        given = input_shapes.get(v.name)
+        if given is None or v.shape is None or len(given) != len(v.shape):
+            continue
+        for d, n in zip(v.shape.dims, given):
+            if isinstance(d, ir.SymbolicDim) and d.value:
+                values[str(d.value)] = int(n)
+    return values
+
+
+def analyze(
+    source: ModelSource,
+    timer: Timer | None = None,
+    *,
+    allow_inexact: bool = False,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+) -> Analysis:
     timer = timer or Timer()
     with timer("load"):
         model, desc, sha = load(source)
@@ -116,7 +135,7 @@ def analyze(source: ModelSource, timer: Timer | None = None, *, allow_inexact: b
         CanonicalizePass()(model)
     with timer("analyze"):
         channels = analyze_channels(model, allow_inexact=allow_inexact)
-        cost = CostModel(model)
+        cost = CostModel(model, dim_values=_dim_values(model, input_shapes or {}))
     return Analysis(model, desc, sha, channels, cost)
 
 
@@ -219,7 +238,7 @@ def execute_plan(
         with timer("prune"):
             PrunePass(plan)(model)
         with timer("measure"):
-            cost_after = CostModel(model).count()
+            cost_after = CostModel(model, dim_values=_dim_values(model, options.input_shapes)).count()
         oracle = None
         latency = (None, None)
         if options.verify != "none" or options.benchmark:
@@ -361,7 +380,7 @@ def prune(source: ModelSource, *, timer: Timer | None = None, **kwargs: Any) -> 
     options = kwargs.pop("options", None) or PruneOptions(**kwargs)
     options.validate()
     timer = timer or Timer()
-    analysis = analyze(source, timer, allow_inexact=options.allow_inexact)
+    analysis = analyze(source, timer, allow_inexact=options.allow_inexact, input_shapes=options.input_shapes)
     plan, notes = make_plan(analysis, options, timer)
     return execute_plan(analysis, plan, options, timer, notes)
 
@@ -370,7 +389,7 @@ def plan(source: ModelSource, *, timer: Timer | None = None, **kwargs: Any) -> P
     """Decide what to prune (analyze → allocate) without surgery; see :class:`PruneOptions`."""
     options = kwargs.pop("options", None) or PruneOptions(**kwargs)
     options.validate()
-    analysis = analyze(source, timer, allow_inexact=options.allow_inexact)
+    analysis = analyze(source, timer, allow_inexact=options.allow_inexact, input_shapes=options.input_shapes)
     return make_plan(analysis, options, timer)[0]
 
 
@@ -378,7 +397,7 @@ def apply(source: ModelSource, plan: Plan, *, timer: Timer | None = None, **kwar
     """Replay ``plan`` on the model it was made for (checked by sha256 when both know it)."""
     options = kwargs.pop("options", None) or PruneOptions(**{**plan.options, **kwargs})
     timer = timer or Timer()
-    analysis = analyze(source, timer, allow_inexact=options.allow_inexact)
+    analysis = analyze(source, timer, allow_inexact=options.allow_inexact, input_shapes=options.input_shapes)
     if plan.model_sha256 and analysis.sha256 and plan.model_sha256 != analysis.sha256:
         raise PlanMismatchError(
             f"the plan was made for a model with sha256 {plan.model_sha256[:12]}…, this one is {analysis.sha256[:12]}…"
