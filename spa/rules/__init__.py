@@ -15,6 +15,7 @@ from spa.rules import (  # noqa: F401  (registration)
     quantize,
     recurrent,
     reduce,
+    reshape,
     shape,
     spatial,
 )

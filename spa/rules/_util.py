@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import onnx_ir as ir
 
 from spa.rules.base import CouplingContext, Role
 
-__all__ = ["tie_same_shape", "tie_broadcast", "const_ints", "int_list_input_or_attr"]
+__all__ = ["tie_same_shape", "tie_broadcast", "const_array", "const_ints", "int_list_input_or_attr"]
 
 
 def tie_same_shape(ctx: CouplingContext, x: ir.Value | None, y: ir.Value | None, skip: Sequence[int] = ()) -> None:
@@ -54,6 +55,14 @@ def tie_broadcast(
                 continue  # broadcast along this axis
             if ctx.tie(v, i, y, o) and ctx.is_constant(v):
                 ctx.weight(v, i, Role.PARAM)
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """A constant initializer's value (not one a caller can override), for graph look-arounds
+    outside a rule's own node (a Reshape target's Concat pieces, a Shape's consumers)."""
+    if value is None or value.const_value is None or not value.is_initializer() or value.is_graph_input():
+        return None
+    return value.const_value.numpy()
 
 
 def const_ints(ctx: CouplingContext, value: ir.Value | None) -> list[int] | None:

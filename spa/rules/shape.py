@@ -1,31 +1,18 @@
-"""Layout ops: Transpose, Squeeze, Unsqueeze, Flatten, Reshape, Shape.
+"""Layout ops: Transpose, Squeeze, Unsqueeze, Shape, Tile (Reshape/Flatten: reshape.py).
 
-Reshape and Flatten are proven from static shapes, never guessed (Torch-Pruning guesses here,
-and breaks): input and output dims are cut into *segments* whose element counts match.
-- one axis ↔ one axis of equal size: identity;
-- one axis ↔ several (a split, e.g. channel shuffle C → [g, C/g]): one output axis carries the
-  channel index and the others keep their size. A split that feeds attention (it reaches a
-  MatMul of two activations through layout ops) is a head split: the outer axis (heads)
-  carries, so whole heads are the units; otherwise the largest axis, innermost on ties;
-- several ↔ one (a merge, e.g. Flatten [C, H, W] → [C·H·W]): the carrier is the input axis
-  already tied to weights upstream (so NCHW and NHWC both work), else the outermost; each
-  carrier channel owns a contiguous-stride block of the merged axis;
-- several ↔ several: not provable, blocked (INDIVISIBLE).
-A Reshape whose shape is not a constant is blocked (DATA_DEPENDENT). The shape constant is
-rewritten with the new sizes; ``-1`` and ``0`` entries are kept where they stay correct.
+Axes are followed one to one through permutations and inserted/removed size-1 axes. Shape
+reads sizes, so the axes whose sizes its consumers use are frozen; Tile repeats channels.
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import onnx_ir as ir
 
-from spa.rules._util import int_list_input_or_attr
-from spa.rules.base import BlockCode, CouplingContext, NoRewrite, RewriteContext, register
+from spa.rules._util import const_array, int_list_input_or_attr
+from spa.rules.base import BlockCode, CouplingContext, NoRewrite, register
 
-__all__ = ["TransposeRule", "SqueezeRule", "UnsqueezeRule", "ReshapeRule", "ShapeRule", "TileRule", "segments"]
+__all__ = ["TransposeRule", "SqueezeRule", "UnsqueezeRule", "ShapeRule", "TileRule"]
 
 
 @register("Transpose")
@@ -84,248 +71,6 @@ class UnsqueezeRule(NoRewrite):
             ctx.tie(x, i, y, o)
 
 
-def _static(d) -> bool:
-    return isinstance(d, int)
-
-
-def _same_symbol(a, b) -> bool:
-    return isinstance(a, ir.SymbolicDim) and isinstance(b, ir.SymbolicDim) and a.value is not None and a.value == b.value
-
-
-def segments(ins: list, outs: list) -> list[tuple[list[int], list[int]]]:
-    """Cut two shapes into matching segments, from the left then from the right.
-
-    Dims are ints or symbols. What cannot be matched (a symbolic dim facing a different one)
-    is left out; callers leave those axes unmapped.
-    """
-
-    def walk(a: list, b: list) -> list[tuple[list[int], list[int]]]:
-        segs: list[tuple[list[int], list[int]]] = []
-        i = j = 0
-        while i < len(a) or j < len(b):
-            if i < len(a) and a[i] == 1:
-                segs.append(([i], []))
-                i += 1
-                continue
-            if j < len(b) and b[j] == 1:
-                segs.append(([], [j]))
-                j += 1
-                continue
-            if i >= len(a) or j >= len(b):
-                break
-            if not (_static(a[i]) and _static(b[j])):
-                if _same_symbol(a[i], b[j]):
-                    segs.append(([i], [j]))
-                    i, j = i + 1, j + 1
-                    continue
-                break
-            pa, pb, sa, sb = a[i], b[j], [i], [j]
-            i, j = i + 1, j + 1
-            ok = True
-            while pa != pb:
-                if pa < pb:
-                    if i >= len(a) or not _static(a[i]):
-                        ok = False
-                        break
-                    pa *= a[i]
-                    sa.append(i)
-                    i += 1
-                else:
-                    if j >= len(b) or not _static(b[j]):
-                        ok = False
-                        break
-                    pb *= b[j]
-                    sb.append(j)
-                    j += 1
-            if not ok:
-                break
-            segs.append((sa, sb))
-        return segs
-
-    left = walk(ins, outs)
-    used_in = {i for s, _ in left for i in s}
-    used_out = {j for _, s in left for j in s}
-    rest_in = [i for i in range(len(ins)) if i not in used_in]
-    rest_out = [j for j in range(len(outs)) if j not in used_out]
-    if rest_in or rest_out:
-        # Match the unmatched tail from the right (e.g. [N?, C, H, W] → [?, C·H·W]).
-        ri, ro = rest_in[::-1], rest_out[::-1]
-        right = walk([ins[i] for i in ri], [outs[j] for j in ro])
-        for sa, sb in right:
-            left.append((sorted(ri[k] for k in sa), sorted(ro[k] for k in sb)))
-    return left
-
-
-def _strides(sizes: list[int]) -> list[int]:
-    return [math.prod(sizes[k + 1 :]) for k in range(len(sizes))]
-
-
-def tie_reshape(ctx: CouplingContext, x: ir.Value, y: ir.Value, fixed_out: frozenset[int] = frozenset()) -> None:
-    """Tie channels through a static reshape (Reshape or Flatten), by segments.
-
-    ``fixed_out``: output axes whose size cannot be rewritten (computed at run time from
-    ``Shape``, or spelled in a target shared with other Reshapes): they never carry channels.
-    """
-    if x.shape is None or y.shape is None:
-        return
-    ins, outs = list(x.shape.dims), list(y.shape.dims)
-    for sa, sb in segments(ins, outs):
-        sa = [i for i in sa if ins[i] != 1]
-        sb = [j for j in sb if outs[j] != 1]
-        if not sa or not sb:
-            continue
-        if len(sa) == 1 and len(sb) == 1:
-            if sb[0] not in fixed_out:
-                ctx.tie(x, sa[0], y, sb[0])
-        elif len(sa) == 1:
-            _tie_split(ctx, x, sa[0], y, sb, [int(outs[j]) for j in sb], fixed_out)
-        elif len(sb) == 1:
-            if sb[0] not in fixed_out:
-                _tie_merge(ctx, x, sa, [int(ins[i]) for i in sa], y, sb[0])
-        else:
-            reason = f"{ctx.node.op_type} '{ctx.name}' regroups axes {sa} into {sb}: no channel mapping can be proven"
-            for i in sa:
-                ctx.block(x, i, BlockCode.INDIVISIBLE, reason)
-            for j in sb:
-                ctx.block(y, j, BlockCode.INDIVISIBLE, reason)
-
-
-_LAYOUT_OPS = frozenset({"Transpose", "Identity", "Cast", "Unsqueeze", "Tile", "Expand", "Reshape", "Mul", "Div"})
-
-
-def _feeds_attention(value: ir.Value, depth: int = 6) -> bool:
-    """Whether ``value`` reaches a MatMul of two activations through layout-only ops.
-
-    Read-only look-ahead: a head split ([.., D] → [.., heads, head_dim]) is followed by
-    transposes (and, for grouped-query attention, a repeat) before Q·Kᵀ or P·V.
-    """
-    frontier = [value]
-    for _ in range(depth):
-        nxt = []
-        for v in frontier:
-            for node in v.consumers():
-                if node.op_type == "MatMul" and all(i is not None and i.const_value is None for i in node.inputs):
-                    return True
-                if node.op_type in _LAYOUT_OPS:
-                    nxt.extend(node.outputs)
-        frontier = nxt
-    return False
-
-
-def _tie_split(
-    ctx: CouplingContext, x: ir.Value, axis: int, y: ir.Value, outs: list[int], sizes: list[int], fixed_out: frozenset[int] = frozenset()
-) -> None:
-    if _feeds_attention(y):
-        k = 0  # heads: whole heads are the units
-    else:
-        k = max(range(len(sizes)), key=lambda t: (sizes[t], t))  # largest, innermost on ties
-    if outs[k] in fixed_out:
-        return  # the carrier's size cannot be rewritten: leave the channels unmapped (frozen)
-    stride = _strides(sizes)[k]
-    channels = np.arange(math.prod(sizes))
-    ctx.tie(x, axis, y, outs[k], channels, (channels // stride) % sizes[k])
-
-
-def _tie_merge(ctx: CouplingContext, x: ir.Value, ins: list[int], sizes: list[int], y: ir.Value, out: int) -> None:
-    hinted = [t for t, i in enumerate(ins) if ctx.is_channel(x, i)]
-    k = hinted[0] if hinted else 0
-    stride = _strides(sizes)[k]
-    flat = np.arange(math.prod(sizes))
-    ctx.tie(x, ins[k], y, out, (flat // stride) % sizes[k], flat)
-
-
-@register("Flatten")
-class FlattenRule(NoRewrite):
-    def couplings(self, node: ir.Node, ctx: CouplingContext) -> None:
-        x, y = ctx.input(0), ctx.output(0)
-        if ctx.rank(x) is None or ctx.rank(y) is None:
-            return
-        tie_reshape(ctx, x, y)
-
-
-def _constant(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.const_value is None or not value.is_initializer() or value.is_graph_input():
-        return None
-    return value.const_value.numpy()
-
-
-def target_entries(shape_v: ir.Value) -> tuple[list[int | None], list[tuple[ir.Node | None, int, int] | None]] | None:
-    """The entries of a Reshape target, and where each constant one lives.
-
-    A constant target gives ints. A target assembled by a Concat (exporters build
-    ``[batch, seq, -1, 32]`` from ``Shape`` pieces and constants) gives None for the pieces
-    computed at run time and ints for the constant pieces; ``where`` says (node, input, offset)
-    of each constant entry so it can be rewritten. None when the target is neither.
-    """
-    const = _constant(shape_v)
-    if const is not None:
-        flat = [int(v) for v in const.reshape(-1)]
-        return flat, [(None, 1, k) for k in range(len(flat))]
-    src = shape_v.producer() if shape_v is not None else None
-    if src is None or src.op_type != "Concat":
-        return None
-    # A target shared with other Reshapes (Q, K and V of one layer) cannot be rewritten for
-    # one of them: its explicit sizes are then fixed (only -1 entries may change).
-    shared = len(shape_v.uses()) != 1
-    entries: list[int | None] = []
-    where: list[tuple[ir.Node | None, int, int] | None] = []
-    for j, piece in enumerate(src.inputs):
-        c = _constant(piece)
-        if c is not None:
-            for k, v in enumerate(c.reshape(-1)):
-                entries.append(int(v))
-                where.append(None if shared else (src, j, k))
-        elif piece is not None and piece.shape is not None and len(piece.shape) == 1 and isinstance(piece.shape[0], int):
-            entries.extend([None] * piece.shape[0])
-            where.extend([None] * piece.shape[0])
-        else:
-            return None
-    return entries, where
-
-
-@register("Reshape")
-class ReshapeRule:
-    def couplings(self, node: ir.Node, ctx: CouplingContext) -> None:
-        x, shape_v, y = ctx.input(0), ctx.input(1), ctx.output(0)
-        spec = target_entries(shape_v)
-        if spec is None:
-            ctx.block_all(BlockCode.DATA_DEPENDENT, f"Reshape '{ctx.name}': the target shape is computed at run time")
-            return
-        if ctx.rank(x) is None or ctx.rank(y) is None:
-            return
-        entries, where = spec
-        fixed = frozenset(k for k, (e, w) in enumerate(zip(entries, where)) if e is None or (w is None and e != -1))
-        tie_reshape(ctx, x, y, fixed)
-
-    def rewrite(self, node: ir.Node, ctx: RewriteContext) -> None:
-        x, shape_v, y = node.inputs[0], node.inputs[1], node.outputs[0]
-        if not ctx.changed(x, y):
-            return
-        entries, where = target_entries(shape_v)
-        allowzero = "allowzero" in node.attributes and int(node.attributes["allowzero"].value) == 1
-        pieces: dict[tuple[str | None, int], list[int]] = {}
-        for k, s in enumerate(entries):
-            if s is None or s == -1:
-                continue
-            out_size = ctx.new_size(y, k)
-            if s == 0 and not allowzero and k < len(x.shape) and ctx.new_size(x, k) == out_size:
-                continue
-            if out_size is None:
-                raise ValueError(f"Reshape '{node.name}': axis {k} changed but has no static size")
-            if out_size == s:
-                continue
-            if where[k] is None:
-                raise ValueError(f"Reshape '{node.name}': axis {k} changed but its size is fixed in a shared target")
-            src, index, offset = where[k]
-            key = (None if src is None else src.name, index)
-            if key not in pieces:
-                owner = node if src is None else src
-                pieces[key] = [int(v) for v in _constant(owner.inputs[index]).reshape(-1)]
-            pieces[key][offset] = out_size
-        for (owner, index), values in sorted(pieces.items(), key=lambda kv: (kv[0][0] or "", kv[0][1])):
-            ctx.set_const(index, values, node=owner)
-
-
 def _shape_entries_read(out: ir.Value, n: int) -> set[int] | None:
     """Which entries of a Shape output its consumers read, when every consumer picks
     constant entries (Gather on axis 0, step-1 Slice); None when something reads it whole."""
@@ -334,14 +79,14 @@ def _shape_entries_read(out: ir.Value, n: int) -> set[int] | None:
         if index != 0:
             return None
         if node.op_type == "Gather":
-            idx = _constant(node.inputs[1])
+            idx = const_array(node.inputs[1])
             axis = int(node.attributes["axis"].value) if "axis" in node.attributes else 0
             if idx is None or axis != 0:
                 return None
             read.update(int(i) % n for i in idx.reshape(-1))
         elif node.op_type == "Slice":
-            starts, ends = _constant(node.inputs[1]), _constant(node.inputs[2])
-            steps = _constant(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else None
+            starts, ends = const_array(node.inputs[1]), const_array(node.inputs[2])
+            steps = const_array(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else None
             if starts is None or ends is None or (steps is not None and int(steps.reshape(-1)[0]) != 1):
                 return None
             lo, hi, _ = slice(int(starts.reshape(-1)[0]), int(ends.reshape(-1)[0]), 1).indices(n)

@@ -46,7 +46,8 @@ EXPECTED: dict[str, set[str]] = {
         "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare", "ArgMax", "ArgMin",
         "Softmax", "LogSoftmax", "Hardmax",
     },
-    "shape": {"Transpose", "Squeeze", "Unsqueeze", "Flatten", "Reshape", "Shape", "Tile"},
+    "reshape": {"Flatten", "Reshape"},
+    "shape": {"Transpose", "Squeeze", "Unsqueeze", "Shape", "Tile"},
     "spatial": {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "Pad", "Resize", "Upsample"},
 }
 
