@@ -129,3 +129,58 @@ def test_float16_model(tmp_path) -> None:
     result = spa.prune(path, ratio=0.5, benchmark=False)
     assert result.report.groups_pruned >= 5
     assert result.report.oracle["passed"] and result.report.oracle["asserted"]
+
+
+@pytest.mark.parametrize("name", ["transformer", "resnet"])
+def test_dynamo_exporter(tmp_path, name: str) -> None:
+    """The torch.export-based exporter (dynamo=True) gives other graphs; same guarantees."""
+    import contextlib
+    import io
+    import warnings
+
+    import torch
+
+    pytest.importorskip("onnxscript")
+    model, shape = zoo.build(name)
+    path = tmp_path / f"{name}.onnx"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (zoo.sample_input(name, shape),), str(path), dynamo=True, opset_version=18,
+                          input_names=["input"], output_names=["output"])
+    result = spa.prune(path, ratio=0.5, benchmark=False)
+    assert result.report.groups_pruned >= 4
+    assert result.report.flops_ratio < 0.6
+    assert result.report.oracle["passed"] and result.report.oracle["asserted"]
+
+
+def test_tied_embedding_is_shared_not_broken(tmp_path) -> None:
+    """An embedding table read by Gather (ids) and, transposed, by the output projection."""
+    import warnings
+
+    import torch
+
+    class Tied(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(40, 16)
+            self.fc1, self.fc2 = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+
+        def forward(self, ids):
+            h = self.embed(ids)
+            h = h + self.fc2(torch.relu(self.fc1(h)))
+            return h @ self.embed.weight.T
+
+    torch.manual_seed(0)
+    path = tmp_path / "tied.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Tied().eval(), (torch.randint(0, 40, (1, 6)),), str(path), dynamo=False,
+                          do_constant_folding=False, opset_version=17, input_names=["input"], output_names=["output"])
+    result = spa.prune(path, ratio=0.5, benchmark=False)
+    assert result.report.oracle["passed"] and result.report.oracle["asserted"]
+    kept = {layer["weight"]: layer["kept"] for layer in result.report.layers}
+    # The hidden size is pruned once for both uses of the table (one tensor, one slice), the
+    # MLP width through the Transpose a non-folded torch Linear reads, the vocabulary never.
+    assert kept["embed.weight"] == kept["fc2.weight"] == 8 and kept["fc1.weight"] == 16
+    table = result.model.graph.initializers["embed.weight"].const_value
+    assert tuple(table.shape) == (40, 8)

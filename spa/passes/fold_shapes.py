@@ -8,8 +8,9 @@ with a literal shape. This pass replaces:
 - ``Shape(x)`` (with start/end) by a constant when the reported dims are static;
 - ``Gather(Shape(x), const)`` by a constant when the gathered dims are static (dynamic batch);
 - ``Size(x)`` by a constant when x's shape is static;
-- any small node of a shape-arithmetic op whose inputs are all constants, by its value
-  (evaluated with ``onnx.reference``).
+- any small node of a shape-arithmetic op whose inputs are all integer/bool constants, by
+  its value (evaluated with ``onnx.reference``). Float weight arithmetic is left alone:
+  folding it would duplicate weights and untie shared ones.
 
 It never touches weights (inputs above ``MAX_ELEMENTS`` are left alone) nor graph outputs, and
 leaves the now-unused nodes to ``RemoveUnusedNodesPass``.
@@ -113,6 +114,10 @@ class FoldShapesPass(ir.passes.InPlacePass):
         if any(v is not None and a is None for v, a in zip(node.inputs, inputs)):
             return None
         if any(a is not None and a.size > MAX_ELEMENTS for a in inputs):
+            return None
+        if any(a is not None and a.dtype.kind in "fc" for a in inputs):
+            # Only shape arithmetic is folded: folding float weight arithmetic would duplicate
+            # weights (a transposed copy of a tied embedding) and change what the model shares.
             return None
         try:
             return self._evaluate(node, inputs, opset)

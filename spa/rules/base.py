@@ -215,14 +215,32 @@ class CouplingContext:
     def is_constant(self, value: ir.Value | None) -> bool:
         return value is not None and self._is_constant(value)
 
+    def weight_source(self, value: ir.Value | None, axis: int) -> tuple[ir.Value, int] | None:
+        """The constant initializer axis behind a weight axis, seen through the ops exporters
+        put between a weight and its consumer: DequantizeLinear (QDQ models), Cast,
+        Identity, and Transpose (a torch Linear exported without constant folding reads
+        ``Transpose(W)``; the axis is permuted back)."""
+        depth = 0
+        while value is not None and depth < 8:
+            if self.is_constant(value):
+                return value, axis % len(value.shape)
+            src = value.producer()
+            if src is None or src.op_type not in ("DequantizeLinear", "Cast", "Identity", "Transpose"):
+                return None
+            nxt = src.inputs[0]
+            if nxt is None or self.rank(nxt) is None or self.rank(nxt) != self.rank(value):
+                return None
+            if src.op_type == "Transpose":
+                perm = src.attributes.get("perm")
+                rank = self.rank(value)
+                perm = list(range(rank))[::-1] if perm is None else [int(p) for p in perm.value]
+                axis = perm[axis % rank]
+            value, depth = nxt, depth + 1
+        return None
+
     def is_weight(self, value: ir.Value | None) -> bool:
-        """A constant, or a constant seen through DequantizeLinear (QDQ models)."""
-        if value is None:
-            return False
-        if self.is_constant(value):
-            return True
-        src = value.producer()
-        return src is not None and src.op_type == "DequantizeLinear" and self.is_constant(src.inputs[0])
+        """A constant, or a constant seen through the ops of ``weight_source``."""
+        return value is not None and self.rank(value) is not None and self.weight_source(value, 0) is not None
 
     def is_channel(self, value: ir.Value | None, axis: int) -> bool:
         """Whether ``value[axis]`` is already tied to a weight by the nodes before this one.
@@ -295,16 +313,16 @@ class CouplingContext:
     def weight(self, value: ir.Value | None, axis: int, role: Role) -> bool:
         """Declare a weight axis. Weights must be constants: a computed weight blocks its axis.
 
-        A weight dequantized from a constant (QDQ models) counts as that constant: the role
-        goes on the quantized initializer, which the DequantizeLinear rule ties axis by axis.
+        A weight reached through DequantizeLinear/Cast/Identity/Transpose counts as the
+        constant behind it (``weight_source``): the role goes on that initializer's axis, which
+        those ops' rules tie to the weight axis.
         """
         if value is None:
             return False
-        source = value.producer()
-        if not self.is_constant(value) and source is not None and source.op_type == "DequantizeLinear":
-            q = source.inputs[0]
-            if self.is_constant(q) and self.rank(q) == self.rank(value):
-                self.roles.append((self.dim(q, axis), role))
+        if not self.is_constant(value) and self.rank(value) is not None:
+            found = self.weight_source(value, axis)
+            if found is not None:
+                self.roles.append((self.dim(*found), role))
                 return True
         if not self.is_constant(value):
             self.block(value, axis, BlockCode.NON_CONSTANT_WEIGHT, f"{self.node.op_type} '{self.name}': weight '{value.name}' is not a constant initializer")
