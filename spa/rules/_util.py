@@ -7,9 +7,17 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from spa.rules.base import CouplingContext, Role
+from spa.rules.base import CouplingContext, RewriteContext, Role
 
-__all__ = ["tie_same_shape", "tie_broadcast", "const_array", "const_ints", "int_list_input_or_attr"]
+__all__ = [
+    "tie_same_shape",
+    "tie_broadcast",
+    "const_array",
+    "const_ints",
+    "int_list_input_or_attr",
+    "shape_target",
+    "rewrite_target",
+]
 
 
 def tie_same_shape(ctx: CouplingContext, x: ir.Value | None, y: ir.Value | None, skip: Sequence[int] = ()) -> None:
@@ -84,3 +92,57 @@ def int_list_input_or_attr(ctx: CouplingContext, input_index: int, attr: str) ->
     if a is not None:
         return True, [int(x) for x in a]
     return False, None
+
+
+def shape_target(shape_v: ir.Value | None) -> tuple[list[int | None], list[tuple[ir.Node | None, int, int] | None]] | None:
+    """The entries of a Reshape/Expand target, and where each constant one lives.
+
+    A constant target gives ints. A target assembled by a Concat (exporters build
+    ``[batch, seq, -1, 32]`` from ``Shape`` pieces and constants) gives None for the pieces
+    computed at run time and ints for the constant pieces; ``where`` says (node, input, offset)
+    of each constant entry so it can be rewritten. None when the target is neither.
+    """
+    const = const_array(shape_v)
+    if const is not None:
+        flat = [int(v) for v in const.reshape(-1)]
+        return flat, [(None, 1, k) for k in range(len(flat))]
+    src = shape_v.producer() if shape_v is not None else None
+    while src is not None and src.op_type == "Cast" and len(src.outputs[0].uses()) == 1:
+        shape_v = src.inputs[0]  # tf2onnx casts the assembled target
+        src = shape_v.producer()
+    if src is None or src.op_type != "Concat":
+        return None
+    # A target shared with other Reshapes (Q, K and V of one layer) cannot be rewritten for
+    # one of them: its explicit sizes are then fixed (only -1 entries may change).
+    shared = len(shape_v.uses()) != 1
+    entries: list[int | None] = []
+    where: list[tuple[ir.Node | None, int, int] | None] = []
+    for j, piece in enumerate(src.inputs):
+        c = const_array(piece)
+        if c is not None:
+            for k, v in enumerate(c.reshape(-1)):
+                entries.append(int(v))
+                where.append(None if shared else (src, j, k))
+        elif piece is not None and piece.shape is not None and len(piece.shape) == 1 and isinstance(piece.shape[0], int):
+            entries.extend([None] * piece.shape[0])
+            where.extend([None] * piece.shape[0])
+        else:
+            return None
+    return entries, where
+
+
+def rewrite_target(ctx: RewriteContext, where: list, changes: dict[int, int]) -> None:
+    """Write new sizes into the constant pieces of a target (see ``shape_target``)."""
+    pieces: dict[tuple[str | None, int], list[int]] = {}
+    owners: dict[tuple[str | None, int], ir.Node] = {}
+    for k, size in changes.items():
+        if where[k] is None:
+            raise ValueError(f"{ctx.node.op_type} '{ctx.name}': entry {k} changed but is fixed in a shared target")
+        src, index, offset = where[k]
+        owner = ctx.node if src is None else src
+        key = (None if src is None else src.name, index)
+        if key not in pieces:
+            pieces[key] = [int(v) for v in const_array(owner.inputs[index]).reshape(-1)]
+        pieces[key][offset] = size
+    for (owner, index), values in sorted(pieces.items(), key=lambda kv: (kv[0][0] or "", kv[0][1])):
+        ctx.set_const(index, values, node=owner)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from spa.rules._util import const_ints
+from spa.rules._util import const_ints, rewrite_target, shape_target
 from spa.rules.base import BlockCode, CouplingContext, RewriteContext, Role, register
 
 __all__ = ["ExpandRule", "ConstantOfShapeRule"]
@@ -20,37 +20,40 @@ __all__ = ["ExpandRule", "ConstantOfShapeRule"]
 class ExpandRule:
     def couplings(self, node: ir.Node, ctx: CouplingContext) -> None:
         x, shape_v, y = ctx.input(0), ctx.input(1), ctx.output(0)
-        shape = const_ints(ctx, shape_v)
+        spec = shape_target(shape_v)
         rx, ry = ctx.rank(x), ctx.rank(y)
-        if shape is None:
+        if spec is None:
             ctx.block_all(BlockCode.DATA_DEPENDENT, f"Expand '{ctx.name}': the target shape is computed at run time")
             return
         if rx is None or ry is None:
             return
+        entries, where = spec
         for o in range(ry):
             i = o - (ry - rx)
-            k = o - (ry - len(shape))
+            k = o - (ry - len(entries))
+            entry = entries[k] if k >= 0 else 1
+            rewritable = k < 0 or (entry is not None and where[k] is not None)
             sx = ctx.size(x, i) if i >= 0 else None
             sy = ctx.size(y, o)
             if i >= 0 and sx is not None and sx == sy and sx != 1:
-                if ctx.tie(x, i, y, o) and ctx.is_constant(x):
-                    ctx.weight(x, i, Role.PARAM)
-            elif k >= 0 and sy is not None and shape[k] == sy:
+                if entry == 1 or rewritable:  # data size; an explicit entry is kept in step
+                    if ctx.tie(x, i, y, o) and ctx.is_constant(x):
+                        ctx.weight(x, i, Role.PARAM)
+            elif entry is not None and entry == sy and rewritable:
                 ctx.allow(y, o)  # the constant decides this size; rewrite() keeps it in step
 
     def rewrite(self, node: ir.Node, ctx: RewriteContext) -> None:
-        x, shape_v, y = node.inputs[0], node.inputs[1], node.outputs[0]
+        y = node.outputs[0]
         if not ctx.changed(y):
             return
-        shape = [int(s) for s in shape_v.const_value.numpy().reshape(-1)]
+        entries, where = shape_target(node.inputs[1])
         ry = len(y.shape)
-        new = list(shape)
-        for k, s in enumerate(shape):
-            o = k + ry - len(shape)
-            if s != 1 and ctx.kept(y, o) is not None:
-                new[k] = ctx.new_size(y, o)
-        if new != shape:
-            ctx.set_const(1, new)
+        changes = {}
+        for k, s in enumerate(entries):
+            o = k + ry - len(entries)
+            if s is not None and s != 1 and ctx.kept(y, o) is not None:
+                changes[k] = ctx.new_size(y, o)
+        rewrite_target(ctx, where, changes)
 
 
 @register("ConstantOfShape")

@@ -22,10 +22,10 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from spa.rules._util import const_array
+from spa.rules._util import rewrite_target, shape_target
 from spa.rules.base import BlockCode, CouplingContext, NoRewrite, RewriteContext, register
 
-__all__ = ["FlattenRule", "ReshapeRule", "segments", "target_entries", "tie_reshape"]
+__all__ = ["FlattenRule", "ReshapeRule", "segments", "tie_reshape"]
 
 
 def _static(d) -> bool:
@@ -187,45 +187,11 @@ class FlattenRule(NoRewrite):
         tie_reshape(ctx, x, y)
 
 
-def target_entries(shape_v: ir.Value) -> tuple[list[int | None], list[tuple[ir.Node | None, int, int] | None]] | None:
-    """The entries of a Reshape target, and where each constant one lives.
-
-    A constant target gives ints. A target assembled by a Concat (exporters build
-    ``[batch, seq, -1, 32]`` from ``Shape`` pieces and constants) gives None for the pieces
-    computed at run time and ints for the constant pieces; ``where`` says (node, input, offset)
-    of each constant entry so it can be rewritten. None when the target is neither.
-    """
-    const = const_array(shape_v)
-    if const is not None:
-        flat = [int(v) for v in const.reshape(-1)]
-        return flat, [(None, 1, k) for k in range(len(flat))]
-    src = shape_v.producer() if shape_v is not None else None
-    if src is None or src.op_type != "Concat":
-        return None
-    # A target shared with other Reshapes (Q, K and V of one layer) cannot be rewritten for
-    # one of them: its explicit sizes are then fixed (only -1 entries may change).
-    shared = len(shape_v.uses()) != 1
-    entries: list[int | None] = []
-    where: list[tuple[ir.Node | None, int, int] | None] = []
-    for j, piece in enumerate(src.inputs):
-        c = const_array(piece)
-        if c is not None:
-            for k, v in enumerate(c.reshape(-1)):
-                entries.append(int(v))
-                where.append(None if shared else (src, j, k))
-        elif piece is not None and piece.shape is not None and len(piece.shape) == 1 and isinstance(piece.shape[0], int):
-            entries.extend([None] * piece.shape[0])
-            where.extend([None] * piece.shape[0])
-        else:
-            return None
-    return entries, where
-
-
 @register("Reshape")
 class ReshapeRule:
     def couplings(self, node: ir.Node, ctx: CouplingContext) -> None:
         x, shape_v, y = ctx.input(0), ctx.input(1), ctx.output(0)
-        spec = target_entries(shape_v)
+        spec = shape_target(shape_v)
         if spec is None:
             ctx.block_all(BlockCode.DATA_DEPENDENT, f"Reshape '{ctx.name}': the target shape is computed at run time")
             return
@@ -239,9 +205,9 @@ class ReshapeRule:
         x, shape_v, y = node.inputs[0], node.inputs[1], node.outputs[0]
         if not ctx.changed(x, y):
             return
-        entries, where = target_entries(shape_v)
+        entries, where = shape_target(shape_v)
         allowzero = "allowzero" in node.attributes and int(node.attributes["allowzero"].value) == 1
-        pieces: dict[tuple[str | None, int], list[int]] = {}
+        changes: dict[int, int] = {}
         for k, s in enumerate(entries):
             if s is None or s == -1:
                 continue
@@ -250,15 +216,6 @@ class ReshapeRule:
                 continue
             if out_size is None:
                 raise ValueError(f"Reshape '{node.name}': axis {k} changed but has no static size")
-            if out_size == s:
-                continue
-            if where[k] is None:
-                raise ValueError(f"Reshape '{node.name}': axis {k} changed but its size is fixed in a shared target")
-            src, index, offset = where[k]
-            key = (None if src is None else src.name, index)
-            if key not in pieces:
-                owner = node if src is None else src
-                pieces[key] = [int(v) for v in const_array(owner.inputs[index]).reshape(-1)]
-            pieces[key][offset] = out_size
-        for (owner, index), values in sorted(pieces.items(), key=lambda kv: (kv[0][0] or "", kv[0][1])):
-            ctx.set_const(index, values, node=owner)
+            if out_size != s:
+                changes[k] = out_size
+        rewrite_target(ctx, where, changes)

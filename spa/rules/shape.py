@@ -71,28 +71,38 @@ class UnsqueezeRule(NoRewrite):
             ctx.tie(x, i, y, o)
 
 
-def _shape_entries_read(out: ir.Value, n: int) -> set[int] | None:
-    """Which entries of a Shape output its consumers read, when every consumer picks
-    constant entries (Gather on axis 0, step-1 Slice); None when something reads it whole."""
+def _shape_entries_read(out: ir.Value, positions: list[int], depth: int = 6) -> set[int] | None:
+    """Which entries of a Shape output (``positions``: entry → axis) its consumers use, when
+    every path picks constant entries (Gather on axis 0, step-1 Slice, through Cast);
+    None when something reads the vector whole. tf2onnx gathers a permutation first, then
+    slices the batch out of it."""
+    if depth == 0:
+        return None
     read: set[int] = set()
     for node, index in out.uses():
         if index != 0:
             return None
-        if node.op_type == "Gather":
+        if node.op_type == "Cast":
+            sub = _shape_entries_read(node.outputs[0], positions, depth - 1)
+        elif node.op_type == "Gather":
             idx = const_array(node.inputs[1])
             axis = int(node.attributes["axis"].value) if "axis" in node.attributes else 0
-            if idx is None or axis != 0:
+            if idx is None or axis != 0 or idx.ndim > 1:
                 return None
-            read.update(int(i) % n for i in idx.reshape(-1))
+            picked = [positions[int(i) % len(positions)] for i in idx.reshape(-1)]
+            sub = set(picked) if idx.ndim == 0 else _shape_entries_read(node.outputs[0], picked, depth - 1)
         elif node.op_type == "Slice":
             starts, ends = const_array(node.inputs[1]), const_array(node.inputs[2])
             steps = const_array(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else None
             if starts is None or ends is None or (steps is not None and int(steps.reshape(-1)[0]) != 1):
                 return None
-            lo, hi, _ = slice(int(starts.reshape(-1)[0]), int(ends.reshape(-1)[0]), 1).indices(n)
-            read.update(range(lo, hi))
+            lo, hi, _ = slice(int(starts.reshape(-1)[0]), int(ends.reshape(-1)[0]), 1).indices(len(positions))
+            sub = set(positions[lo:hi])
         else:
             return None
+        if sub is None:
+            return None
+        read |= sub
     return read
 
 
@@ -112,8 +122,8 @@ class ShapeRule(NoRewrite):
         start = int(ctx.attr("start", 0))
         end = ctx.attr("end")
         reported = list(range(rank))[slice(start, None if end is None else int(end))]
-        picked = _shape_entries_read(node.outputs[0], len(reported)) if reported else set()
-        read = set(reported) if picked is None else {reported[i] for i in picked}
+        picked = _shape_entries_read(node.outputs[0], reported) if reported else set()
+        read = set(reported) if picked is None else picked
         for ax in range(rank):
             if ax in read:
                 ctx.block(x, ax, BlockCode.DATA_DEPENDENT, f"Shape '{ctx.name}' reports the size of axis {ax} of '{x.name}'")
