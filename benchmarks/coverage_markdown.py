@@ -1,7 +1,7 @@
-"""Render the JSON of ``coverage.py --out`` (and optionally ``real_models.py --json``) as the
-Markdown tables of docs/coverage.md.
+"""Render the JSON of ``coverage.py --out`` (and optionally ``real_models.py --json`` and
+``onnxsim_peer.py --out``) as the Markdown tables of docs/coverage.md.
 
-    python benchmarks/coverage_markdown.py coverage.json [real_models.json] > docs/coverage.md
+    python benchmarks/coverage_markdown.py coverage.json [real_models.json [onnxsim.json]] > docs/coverage.md
 """
 
 from __future__ import annotations
@@ -14,17 +14,19 @@ def _ratio(x) -> str:
     return "—" if x is None else f"{x:.3f}"
 
 
-def coverage_table(data: dict) -> list[str]:
+def coverage_table(data: dict, onnxsim: dict | None = None) -> list[str]:
     s = data["summary"]
+    sim = (onnxsim or {}).get("rows", {})
     out = [
         f"**{s['models']} timm models** (random weights, opset 17), `--ratio {data.get('ratio', 0.5)}`: "
         f"spa {s['spa_status']}; {s['pct_lose_macs']:.1f} % lose MACs; median MACs ratio "
         + ", ".join(f"{k} {v:.3f}" for k, v in s["median_macs_ratio"].items())
         + f"; oracle passed on all: {s['oracle_all_passed']}; slowest prune {s['max_prune_s'][0]} s "
-        f"({s['max_prune_s'][1]}). Torch-Pruning {s['tp_status']}.",
+        f"({s['max_prune_s'][1]}). Torch-Pruning {s['tp_status']}."
+        + (f" onnxsim {onnxsim['summary']}." if onnxsim else ""),
         "",
-        "| model | family | spa status | MACs after/before | oracle max diff | shapes | prune s | Torch-Pruning | TP MACs | why not more |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | family | spa status | MACs after/before | oracle max diff | shapes | prune s | Torch-Pruning | TP MACs | onnxsim | onnxsim MACs | why not more |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["rows"]:
         spa, tp = r["spa"], r.get("tp") or {}
@@ -33,7 +35,8 @@ def coverage_table(data: dict) -> list[str]:
         out.append(
             f"| {r['model']} | {r['family']} | {spa['status']} | {_ratio(spa.get('macs_ratio'))} | "
             f"{oracle.get('max_abs_diff', float('nan')):.1e} | {'ok' if spa.get('shapes_ok') else '—'} | "
-            f"{spa.get('prune_s', '—')} | {tp.get('status', '—')} | {_ratio(tp.get('macs_ratio'))} | {why} |"
+            f"{spa.get('prune_s', '—')} | {tp.get('status', '—')} | {_ratio(tp.get('macs_ratio'))} | "
+            f"{sim.get(r['model'], {}).get('status', '—')} | {_ratio(sim.get(r['model'], {}).get('macs_ratio'))} | {why} |"
         )
     return out
 
@@ -60,7 +63,8 @@ def real_table(rows: list[dict]) -> list[str]:
 
 def main(argv: list[str]) -> None:
     lines = ["# Coverage", ""]
-    lines += coverage_table(json.load(open(argv[0])))
+    onnxsim = json.load(open(argv[2])) if len(argv) > 2 else None
+    lines += coverage_table(json.load(open(argv[0])), onnxsim)
     if len(argv) > 1:
         real = json.load(open(argv[1]))
         rows = real["rows"] if isinstance(real, dict) else real
