@@ -35,6 +35,7 @@ from spa.planning import Plan, build_plan
 from spa.report import Report, Timer
 from spa.rules.base import Role
 from spa import verify as verify_mod
+from spa.graph import all_initializers
 
 __all__ = ["PruneOptions", "PruneResult", "Analysis", "load", "analyze", "make_plan", "execute_plan", "prune", "plan", "apply"]
 
@@ -145,7 +146,7 @@ def _weight_reader(model: ir.Model) -> Callable[[str], np.ndarray]:
     An external tensor's ``numpy()`` is a view of the memory-mapped file: its pages would stay
     resident until surgery. Copy the one tensor being scored and release the mapping.
     """
-    inits = model.graph.initializers
+    inits = all_initializers(model.graph)
 
     def read(name: str) -> np.ndarray:
         tensor = inits[name].const_value

@@ -21,6 +21,7 @@ import onnx_ir as ir
 from spa.analysis.channels import ChannelGraph, Group, is_constant
 from spa.rules import base as rules_base
 from spa.rules.base import AttrRewrite, ConstRewrite, Dim, RewriteContext
+from spa.graph import all_initializers
 
 __all__ = ["PLAN_VERSION", "TensorEdit", "GroupPlan", "Plan", "build_plan"]
 
@@ -157,9 +158,10 @@ def build_plan(
                 kept_by_dim[d] = k
 
     graph = model.graph
+    initializers = all_initializers(graph)
     tensors: list[TensorEdit] = []
     for name in sorted({d.value for d in kept_by_dim}):
-        value = graph.initializers.get(name)
+        value = initializers.get(name)
         if value is None or not is_constant(value):
             continue
         axes = {d.axis: kept_by_dim[d] for d in kept_by_dim if d.value == name}

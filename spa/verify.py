@@ -25,6 +25,7 @@ import onnx_ir as ir
 
 from spa.errors import UnsupportedError, UsageError, VerificationError
 from spa.planning import Plan
+from spa.graph import all_initializers
 
 __all__ = [
     "OracleResult",
@@ -207,7 +208,7 @@ def masked_weights(plan: Plan, load) -> dict[str, np.ndarray]:
 def mask_model(model: ir.Model, plan: Plan) -> None:
     """Zero every removed IN slice of ``model``'s initializers, lazily: each masked tensor is
     computed when it is saved, so only one is in memory at a time."""
-    inits = model.graph.initializers
+    inits = all_initializers(model.graph)
     for edit in plan.tensors:
         if not any("in" in r for r in edit.roles.values()):
             continue

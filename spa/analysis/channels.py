@@ -26,6 +26,7 @@ import scipy.sparse.csgraph
 
 from spa.rules import base as rules_base
 from spa.rules.base import Blocked, BlockCode, CouplingContext, Dim, Role, Tie
+from spa.graph import all_initializers
 
 __all__ = ["Group", "ChannelGraph", "analyze_channels", "is_constant"]
 
@@ -309,7 +310,7 @@ def _dedupe(reasons: list[Blocked]) -> list[Blocked]:
 
 def _all_values(graph: ir.Graph):
     yield from graph.inputs
-    yield from graph.initializers.values()
+    yield from all_initializers(graph).values()
     for node in graph.all_nodes():
         for v in node.outputs:
             yield v

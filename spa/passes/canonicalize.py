@@ -1,9 +1,9 @@
 """Canonicalize: bring any loaded model into the form the analyses expect.
 
 - model-local functions are inlined (their bodies are ordinary nodes to the rules);
-- every Constant node becomes an initializer (PaddlePaddle and torch exports keep weights and
-  shape constants in Constant nodes; rules read constants from initializers only), and
-  initializers of If/Loop bodies move to the main graph (surgery edits one table);
+- every Constant node becomes an initializer of its own graph (PaddlePaddle and torch
+  exports keep weights and shape constants in Constant nodes; rules read constants from
+  initializers only). Bodies keep theirs: ONNX needs them there to shape the body;
 - nodes get unique non-empty names (plans and reports address nodes by name);
 - nodes are sorted topologically (the channel analysis walks in order);
 - shapes are inferred, so every rule can ask for static sizes;
@@ -41,7 +41,6 @@ class CanonicalizePass(ir.passes.InPlacePass):
         for p in (
             common.InlinePass(),
             common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
-            common.LiftSubgraphInitializersToMainGraphPass(),
             common.NameFixPass(),
             common.TopologicalSortPass(),
         ):
@@ -116,24 +115,63 @@ def infer_shapes(model: ir.Model) -> None:
         _unknown_dims_are_symbolic(model)
 
 
-def _infer_contrib(model: ir.Model) -> None:
-    """ONNX's shape inference does not know ONNX Runtime's contrib ops; ORT's symbolic shape
-    inference does. It runs on a copy whose large weights are replaced by typed graph inputs
-    (only their shapes matter), and fills in the shapes ONNX left unknown."""
-    try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-    except ImportError:  # pragma: no cover - ORT is a dependency
-        return
+def _shapes_proto(model: ir.Model) -> onnx.ModelProto:
+    """The model as a proto whose large weights are typed graph inputs: shape inference needs
+    their shapes, not their bytes (and a >2 GB model would not serialize)."""
     proto = ir.to_proto(model)
     graph = proto.graph
     keep = []
     for t in graph.initializer:
-        if onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize * max(1, int(np.prod(t.dims))) > 4096:
+        if t.data_location == onnx.TensorProto.EXTERNAL or onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize * max(1, int(np.prod(t.dims))) > 4096:
             graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
         else:
             keep.append(t)
     del graph.initializer[:]
     graph.initializer.extend(keep)
+    return proto
+
+
+def _fill_from(model: ir.Model, inferred: onnx.ModelProto) -> None:
+    """Copy shapes from every graph (subgraphs too) of ``inferred`` onto values still unshaped."""
+    types = {}
+    stack = [inferred.graph]
+    while stack:
+        g = stack.pop()
+        for vi in (*g.value_info, *g.output):
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+                types[vi.name] = vi.type.tensor_type
+        for n in g.node:
+            stack.extend(a.g for a in n.attribute if a.type == onnx.AttributeProto.GRAPH)
+            stack.extend(sg for a in n.attribute if a.type == onnx.AttributeProto.GRAPHS for sg in a.graphs)
+    for node in model.graph.all_nodes():
+        for v in node.outputs:
+            t = types.get(v.name)
+            if v.shape is None and t is not None:
+                v.shape = ir.Shape([d.dim_value if d.HasField("dim_value") else ir.SymbolicDim(d.dim_param or None) for d in t.shape.dim])
+                if v.dtype is None and t.elem_type:
+                    v.dtype = ir.DataType(t.elem_type)
+
+
+def _infer_subgraphs(model: ir.Model) -> None:
+    """onnx-ir's ShapeInferencePass leaves If/Loop bodies unshaped; ONNX's inference shapes
+    them (in each body's value_info), so copy those shapes over."""
+    top = set(model.graph)
+    if not any(v.shape is None for n in model.graph.all_nodes() if n not in top for v in n.outputs):
+        return
+    try:
+        _fill_from(model, onnx.shape_inference.infer_shapes(_shapes_proto(model)))
+    except Exception as e:  # noqa: BLE001 - best effort: unknown shapes only block channels
+        logger.info("subgraph shape inference failed: %s", e)
+
+
+def _infer_contrib(model: ir.Model) -> None:
+    """ONNX's shape inference does not know ONNX Runtime's contrib ops; ORT's symbolic shape
+    inference does: shapes ONNX left unknown are filled in from it."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    except ImportError:  # pragma: no cover - ORT is a dependency
+        return
+    proto = _shapes_proto(model)
     try:
         # SymbolicShapeInference.infer_shapes would write "sym_shape_infer_temp.onnx" into the
         # working directory when inference is incomplete; run its loop and keep partial results.
@@ -142,22 +180,10 @@ def _infer_contrib(model: ir.Model) -> None:
         while ssi.run_:
             ssi._infer_impl()
         ssi._update_output_from_vi()
-        inferred = ssi.out_mp_
     except Exception as e:  # noqa: BLE001 - best effort: unknown shapes only block channels
         logger.info("symbolic shape inference failed: %s", e)
         return
-    types = {
-        vi.name: vi.type.tensor_type
-        for vi in (*inferred.graph.value_info, *inferred.graph.output)
-        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")
-    }
-    for node in model.graph.all_nodes():
-        for v in node.outputs:
-            t = types.get(v.name)
-            if v.shape is None and t is not None:
-                v.shape = ir.Shape([d.dim_value if d.HasField("dim_value") else ir.SymbolicDim(d.dim_param or None) for d in t.shape.dim])
-                if v.dtype is None and t.elem_type:
-                    v.dtype = ir.DataType(t.elem_type)
+    _fill_from(model, ssi.out_mp_)
 
 
 def _remove_unused_initializers(model: ir.Model) -> bool:
@@ -185,3 +211,4 @@ def _infer(model: ir.Model) -> None:
     except Exception as e:  # noqa: BLE001 - onnx raises many kinds; fall back to lenient mode
         logger.info("strict shape inference failed (%s); retrying leniently", e)
         common.ShapeInferencePass(check_type=False, strict_mode=False)(model)
+    _infer_subgraphs(model)

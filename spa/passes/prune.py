@@ -21,6 +21,7 @@ from spa.errors import PlanMismatchError
 from spa.passes.canonicalize import infer_shapes
 from spa.planning import Plan
 from spa.rules.base import AttrRewrite, ConstRewrite
+from spa.graph import all_initializers
 
 __all__ = ["PrunePass", "slice_tensor"]
 
@@ -46,8 +47,9 @@ class PrunePass(ir.passes.InPlacePass):
         if self.plan.empty:
             return ir.passes.PassResult(model, False)
         graph = model.graph
+        initializers = all_initializers(graph)
         for edit in self.plan.tensors:
-            value = graph.initializers.get(edit.name)
+            value = initializers.get(edit.name)
             if value is None or value.const_value is None:
                 raise PlanMismatchError(f"plan slices '{edit.name}', which is not an initializer of this model")
             if [int(s) for s in value.shape] != edit.shape:
