@@ -76,3 +76,19 @@ def test_loop_body_prunes_inside_and_freezes_the_carried_value() -> None:
     assert [(layer["weight"], layer["kept"]) for layer in result.report.layers] == [("w1", 4)]
     codes = {r["code"] for b in result.report.blocked for r in b["reasons"]}
     assert "subgraph" in codes or "no_rule" in codes
+
+
+def test_if_branch_with_its_own_constant_weights() -> None:
+    # As torch/silero export it: the branch holds its weight as a Constant node, and shapes
+    # inside the branch need the branch's own constants (kept there by canonicalize).
+    rng = np.random.default_rng(0)
+    w2 = numpy_helper.from_array(rng.standard_normal((8, 8, 3, 3)).astype(np.float32), "w2c")
+    m = _model(
+        IF_MODEL.replace("o1 = Conv <pads=[1,1,1,1]> (r, w2)", "w2c = Constant <value = float[8,8,3,3] w2c_value> ()\n o1 = Conv <pads=[1,1,1,1]> (r, w2c)").replace(
+            "w2c_value", "{" + ",".join(f"{v:.6f}" for v in numpy_helper.to_array(w2).reshape(-1)) + "}"
+        ),
+        w1=(8, 3, 3, 3), b1=(8,), w3=(4, 8, 3, 3),
+    )
+    result = spa.prune(m, ratio=0.5, benchmark=False)
+    assert result.report.oracle["passed"] and result.report.oracle["asserted"]
+    assert {layer["weight"] for layer in result.report.layers} == {"w1", "w2c"}
