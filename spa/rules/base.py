@@ -223,7 +223,7 @@ class CouplingContext:
         depth = 0
         while value is not None and depth < 8:
             if self.is_constant(value):
-                return value, axis % len(value.shape)
+                return value, axis % max(1, len(value.shape))
             src = value.producer()
             if src is None or src.op_type not in ("DequantizeLinear", "Cast", "Identity", "Transpose"):
                 return None
