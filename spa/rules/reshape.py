@@ -134,7 +134,9 @@ def tie_reshape(ctx: CouplingContext, x: ir.Value, y: ir.Value, fixed_out: froze
                 ctx.block(y, j, BlockCode.INDIVISIBLE, reason)
 
 
-_LAYOUT_OPS = frozenset({"Transpose", "Identity", "Cast", "Unsqueeze", "Tile", "Expand", "Reshape", "Mul", "Div"})
+_LAYOUT_OPS = frozenset(
+    {"Transpose", "Identity", "Cast", "Unsqueeze", "Squeeze", "Split", "Gather", "Slice", "Tile", "Expand", "Reshape", "Mul", "Div"}
+)
 
 
 def _feeds_attention(value: ir.Value, depth: int = 6) -> bool:
@@ -160,7 +162,9 @@ def _tie_split(
     ctx: CouplingContext, x: ir.Value, axis: int, y: ir.Value, outs: list[int], sizes: list[int], fixed_out: frozenset[int] = frozenset()
 ) -> None:
     if _feeds_attention(y):
-        k = 0  # heads: whole heads are the units
+        # A head split: [heads, d], or [3, heads, d] for a fused QKV projection (timm ViT).
+        # Heads sit just before the head dim; whole heads are the units.
+        k = max(0, len(sizes) - 2)
     else:
         k = max(range(len(sizes)), key=lambda t: (sizes[t], t))  # largest, innermost on ties
     if outs[k] in fixed_out:
