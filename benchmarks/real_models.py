@@ -119,6 +119,8 @@ class Case:
     #: (original outputs, pruned outputs) -> {"summary": str, ...numbers}
     fidelity: Callable[[Outputs, Outputs], dict[str, Any]] | None = None
     allow_inexact: bool = False
+    #: inputs filled with a constant by spa's oracle (spa.prune(input_values=...))
+    input_values: dict[str, float] = dataclasses.field(default_factory=dict)
     curve: bool = True  # also prune at the --curve ratios and report fidelity at each (when pruned)
     note: str = ""
     #: one representative real input: MACs are also measured on it (ORT profile, real shapes)
@@ -467,7 +469,9 @@ def _vad_cases(workdir: pathlib.Path) -> list[Case]:
             shapes = {}
         else:
             shapes = {"input": [1, VAD_FRAME + VAD_CONTEXT], "state": [2, 1, 128]}
-        cases.append(Case(f"silero {p.stem}", "silero (torch)", p, shapes, apply, fid, feeds=one_frame(p)))
+        feeds = one_frame(p)
+        values = {"sr": float(VAD_SR)} if feeds and "sr" in feeds else {}  # the If takes the 16 kHz branch
+        cases.append(Case(f"silero {p.stem}", "silero (torch)", p, shapes, apply, fid, feeds=feeds, input_values=values))
     plain = data / "silero_vad.onnx"
     if plain.exists():
         baked = _bake_sr(plain, workdir)
@@ -826,7 +830,10 @@ def prune_case(case: Case, ratio: float, out_dir: pathlib.Path, *, real_oracle: 
     res: dict[str, Any] = {"status": "BROKEN", "ratio": ratio}
     t0 = time.perf_counter()
     try:
-        result = spa.prune(str(case.path), ratio=ratio, benchmark=False, input_shapes=case.input_shapes, allow_inexact=case.allow_inexact)
+        result = spa.prune(
+            str(case.path), ratio=ratio, benchmark=False, input_shapes=case.input_shapes,
+            input_values=case.input_values, allow_inexact=case.allow_inexact,
+        )
     except Exception as e:  # noqa: BLE001
         wall = time.perf_counter() - t0
         if isinstance(e, spa.VerificationError):
