@@ -7,7 +7,9 @@ puts the repository root (for ``import spa`` without installing) and ``models/``
 
 from __future__ import annotations
 
+import collections
 import os
+import re
 import pathlib
 import sys
 import time
@@ -102,4 +104,55 @@ def latency_side_by_side(
             "times": [round(x, 3) for x in t],
         }
         for n, t in times.items()
+    }
+
+
+def reasons(blocked: list[dict]) -> list[list]:
+    """Block reasons of the frozen groups: [code (op), groups, units], most units first."""
+    units: collections.Counter = collections.Counter()
+    groups: collections.Counter = collections.Counter()
+    for g in blocked:
+        seen = set()
+        for r in g.get("reasons") or []:
+            code = r.get("code", "?")
+            text = r.get("reason") or ""
+            m = re.search(r"rule for (\w+)", text)
+            op = m.group(1) if m else (text.split(" '", 1)[0] if " '" in text else "")
+            key = f"{code} ({op})" if op and " " not in op else code
+            if key not in seen:
+                seen.add(key)
+                units[key] += int(g.get("frozen") or 0)
+                groups[key] += 1
+    return [[k, groups[k], units[k]] for k, _ in units.most_common()]
+
+
+def spa_failure(e: BaseException) -> dict:
+    """How a spa run that raised is classified: a refusal (SpaError) is a reason; anything else,
+    a VerificationError included, is a spa bug (BROKEN)."""
+    import spa
+
+    if isinstance(e, spa.VerificationError):
+        return {"status": "BROKEN", "detail": f"VerificationError: {e}", "group": e.group, "max_diff": e.max_diff}
+    if isinstance(e, spa.SpaError):
+        return {"status": "refused", "detail": f"{type(e).__name__}: {e}"}
+    return {"status": "BROKEN", "detail": f"{type(e).__name__}: {e}"[:1000]}
+
+
+def spa_figures(rep, wall: float) -> dict:
+    """The figures of a spa report that the coverage tables show."""
+    verify_stages = {"snapshot", "verify", "benchmark"}
+    return {
+        "wall_s": round(wall, 3),
+        "prune_s": round(sum(v for k, v in rep.timings.items() if k not in verify_stages), 3),
+        "timings": rep.timings,
+        "macs_before": rep.macs_before, "macs_after": rep.macs_after,
+        "flops_before": rep.flops_before, "flops_after": rep.flops_after,
+        "params_before": rep.params_before, "params_after": rep.params_after,
+        "macs_ratio": rep.macs_after / rep.macs_before if rep.macs_before else None,
+        "flops_ratio": rep.flops_ratio,
+        "params_ratio": rep.params_ratio,
+        "groups_total": rep.groups_total, "groups_pruned": rep.groups_pruned,
+        "groups_blocked": rep.groups_blocked, "groups_partial": rep.groups_partial,
+        "oracle": {k: v for k, v in (rep.oracle or {}).items() if k != "per_output"},
+        "reasons": reasons(rep.blocked),
     }

@@ -53,7 +53,6 @@ import importlib.util
 import json
 import os
 import pathlib
-import re
 import statistics
 import subprocess
 import sys
@@ -62,6 +61,8 @@ import threading
 import time
 import traceback
 from typing import Any
+
+from _common import spa_failure, spa_figures  # noqa: E402 (benchmarks/ is sys.path[0])
 
 HERE = pathlib.Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
@@ -416,25 +417,6 @@ def _ort_outputs(path: pathlib.Path, seed: int = 0):
     return [(o.name, list(v.shape), str(v.dtype), v) for o, v in zip(sess.get_outputs(), outs)]
 
 
-def _reasons(blocked: list[dict]) -> list[list]:
-    """Block reasons of the frozen groups: [code (op), groups, units], most units first."""
-    units: collections.Counter = collections.Counter()
-    groups: collections.Counter = collections.Counter()
-    for g in blocked:
-        seen = set()
-        for r in g.get("reasons") or []:
-            code = r.get("code", "?")
-            text = r.get("reason") or ""
-            m = re.search(r"rule for (\w+)", text)
-            op = m.group(1) if m else (text.split(" '", 1)[0] if " '" in text else "")
-            key = f"{code} ({op})" if op and " " not in op else code
-            if key not in seen:
-                seen.add(key)
-                units[key] += int(g.get("frozen") or 0)
-                groups[key] += 1
-    return [[k, groups[k], units[k]] for k, _ in units.most_common()]
-
-
 def worker_spa(args) -> int:
     sys.path.insert(0, str(REPO_ROOT))
     import logging
@@ -452,32 +434,13 @@ def worker_spa(args) -> int:
         import spa
 
         wall = time.perf_counter() - t0
-        if isinstance(e, spa.VerificationError):
-            res |= {"status": "BROKEN", "detail": f"VerificationError: {e}", "group": e.group, "max_diff": e.max_diff}
-        elif isinstance(e, spa.SpaError):
-            res |= {"status": "refused", "detail": f"{type(e).__name__}: {e}"}
-        else:
-            res |= {"status": "BROKEN", "detail": f"{type(e).__name__}: {e}"[:1000]}
+        res |= spa_failure(e)
         res |= {"traceback": traceback.format_exc()[-6000:], "wall_s": round(wall, 3)}
         _write(args.result, res)
         return 0
     wall = time.perf_counter() - t0
     rep = result.report
-    verify_stages = {"snapshot", "verify", "benchmark"}
-    res |= {
-        "wall_s": round(wall, 3),
-        "prune_s": round(sum(v for k, v in rep.timings.items() if k not in verify_stages), 3),
-        "timings": rep.timings,
-        "macs_before": rep.macs_before, "macs_after": rep.macs_after,
-        "flops_before": rep.flops_before, "flops_after": rep.flops_after,
-        "params_before": rep.params_before, "params_after": rep.params_after,
-        "macs_ratio": rep.macs_after / rep.macs_before if rep.macs_before else None,
-        "params_ratio": rep.params_ratio,
-        "groups_total": rep.groups_total, "groups_pruned": rep.groups_pruned,
-        "groups_blocked": rep.groups_blocked, "groups_partial": rep.groups_partial,
-        "oracle": {k: v for k, v in (rep.oracle or {}).items() if k != "per_output"},
-        "reasons": _reasons(rep.blocked),
-    }
+    res |= spa_figures(rep, wall)
     try:
         result.save(out_path)
         res["pruned_path"] = str(out_path)

@@ -80,6 +80,8 @@ import zipfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from _common import spa_failure, spa_figures  # noqa: E402 (benchmarks/ is sys.path[0])
+
 import numpy as np
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -681,24 +683,6 @@ def _inline_external(src: pathlib.Path, dst: pathlib.Path) -> None:
 # ====================================================================================
 
 
-def _reasons(blocked: list[dict]) -> list[list]:
-    """Block reasons of the frozen groups: [code (op), groups, units], most units first."""
-    units: collections.Counter = collections.Counter()
-    groups: collections.Counter = collections.Counter()
-    for g in blocked:
-        seen = set()
-        for r in g.get("reasons") or []:
-            code = r.get("code", "?")
-            text = r.get("reason") or ""
-            op = text.split(" '", 1)[0] if " '" in text else ""
-            key = f"{code} ({op})" if op and " " not in op else code
-            if key not in seen:
-                seen.add(key)
-                units[key] += int(g.get("frozen") or 0)
-                groups[key] += 1
-    return [[k, groups[k], units[k]] for k, _ in units.most_common()]
-
-
 def _foreign_ops(path: pathlib.Path) -> list[str]:
     import onnx
 
@@ -836,33 +820,12 @@ def prune_case(case: Case, ratio: float, out_dir: pathlib.Path, *, real_oracle: 
         )
     except Exception as e:  # noqa: BLE001
         wall = time.perf_counter() - t0
-        if isinstance(e, spa.VerificationError):
-            res |= {"status": "BROKEN", "detail": f"VerificationError: {e}", "group": e.group, "max_diff": e.max_diff}
-        elif isinstance(e, spa.SpaError):
-            res |= {"status": "refused", "detail": f"{type(e).__name__}: {e}"}
-        else:
-            res |= {"status": "BROKEN", "detail": f"{type(e).__name__}: {e}"[:1000]}
+        res |= spa_failure(e)
         res |= {"traceback": traceback.format_exc()[-6000:], "wall_s": round(wall, 3)}
         return res, None, None
     wall = time.perf_counter() - t0
     rep = result.report
-    verify_stages = {"snapshot", "verify", "benchmark"}
-    res |= {
-        "wall_s": round(wall, 3),
-        "prune_s": round(sum(v for k, v in rep.timings.items() if k not in verify_stages), 3),
-        "timings": rep.timings,
-        "macs_before": rep.macs_before, "macs_after": rep.macs_after,
-        "flops_before": rep.flops_before, "flops_after": rep.flops_after,
-        "params_before": rep.params_before, "params_after": rep.params_after,
-        "macs_ratio": rep.macs_after / rep.macs_before if rep.macs_before else None,
-        "flops_ratio": rep.flops_ratio,
-        "params_ratio": rep.params_ratio,
-        "groups_total": rep.groups_total, "groups_pruned": rep.groups_pruned,
-        "groups_blocked": rep.groups_blocked, "groups_partial": rep.groups_partial,
-        "oracle": {k: v for k, v in (rep.oracle or {}).items() if k != "per_output"},
-        "reasons": _reasons(rep.blocked),
-        "kept": [f"{ly['weight']}[{ly['axis']}] {ly['kept']}/{ly['channels']}" for ly in rep.layers if ly["kept"] < ly["channels"]][:8],
-    }
+    res |= spa_figures(rep, wall)
     out_path = out_dir / f"{_slug(case.name)}.r{ratio:g}.spa.onnx"
     try:
         result.save(out_path)
