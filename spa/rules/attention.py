@@ -47,6 +47,13 @@ def _tie_qkv(ctx: CouplingContext, q: ir.Value, k: ir.Value, val: ir.Value, y: i
     _tie_head_axis(ctx, y, -1, hq, dv)
 
 
+def _set_heads(ctx: RewriteContext, attr: str, value: ir.Value, axis: int, heads: int) -> None:
+    """Rewrite a head-count attribute from the kept channels of a [heads·d] axis."""
+    kept = ctx.kept(value, axis)
+    if kept is not None:
+        ctx.set_attr(attr, len(kept) // (int(value.shape[axis]) // heads))
+
+
 def _block_extra(ctx: CouplingContext, node: ir.Node, first_extra: int, what: str) -> bool:
     extra = [v for v in node.inputs[first_extra:] if v is not None]
     if extra or len([o for o in node.outputs if o is not None]) > 1:
@@ -71,7 +78,8 @@ class OnnxAttentionRule:
         mask = ctx.input(3)
         if mask is not None:
             for ax in range(ctx.rank(mask) or 0):
-                ctx.allow(mask, ax) if ctx.size(mask, ax) == 1 else None
+                if ctx.size(mask, ax) == 1:
+                    ctx.allow(mask, ax)
         sq, sk, sv = ctx.size(q, 2), ctx.size(k, 2), ctx.size(v, 2)
         if None in (sq, sk, sv) or sq % hq or sk % hkv or sv % hkv:
             return
@@ -82,10 +90,8 @@ class OnnxAttentionRule:
 
     def rewrite(self, node: ir.Node, ctx: RewriteContext) -> None:
         q, k = node.inputs[0], node.inputs[1]
-        hq, hkv = int(node.attributes["q_num_heads"].value), int(node.attributes["kv_num_heads"].value)
-        if ctx.kept(q, 2) is not None:
-            ctx.set_attr("q_num_heads", len(ctx.kept(q, 2)) // (int(q.shape[2]) // hq))
-            ctx.set_attr("kv_num_heads", len(ctx.kept(k, 2)) // (int(k.shape[2]) // hkv))
+        _set_heads(ctx, "q_num_heads", q, 2, int(node.attributes["q_num_heads"].value))
+        _set_heads(ctx, "kv_num_heads", k, 2, int(node.attributes["kv_num_heads"].value))
 
 
 @register("Attention", domain=MS)
@@ -125,11 +131,7 @@ class MsAttentionRule:
         _tie_head_axis(ctx, y, 2, heads, d)
 
     def rewrite(self, node: ir.Node, ctx: RewriteContext) -> None:
-        y = node.outputs[0]
-        kept = ctx.kept(y, 2)
-        if kept is not None:
-            heads = int(node.attributes["num_heads"].value)
-            ctx.set_attr("num_heads", len(kept) // (int(y.shape[2]) // heads))
+        _set_heads(ctx, "num_heads", node.outputs[0], 2, int(node.attributes["num_heads"].value))
 
 
 @register("MultiHeadAttention", domain=MS)
@@ -154,11 +156,7 @@ class MultiHeadAttentionRule:
         _tie_qkv(ctx, q, k, v, y, heads, heads, sq // heads, sv // heads)
 
     def rewrite(self, node: ir.Node, ctx: RewriteContext) -> None:
-        q = node.inputs[0]
-        kept = ctx.kept(q, 2)
-        if kept is not None:
-            heads = int(node.attributes["num_heads"].value)
-            ctx.set_attr("num_heads", len(kept) // (int(q.shape[2]) // heads))
+        _set_heads(ctx, "num_heads", node.inputs[0], 2, int(node.attributes["num_heads"].value))
 
 
 @register("SkipLayerNormalization", "SkipSimplifiedLayerNormalization", domain=MS)
