@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-__all__ = ["all_initializers"]
+__all__ = ["all_initializers", "add_note", "notes"]
 
 
 def all_initializers(graph: ir.Graph) -> dict[str, ir.Value]:
@@ -22,3 +22,17 @@ def all_initializers(graph: ir.Graph) -> dict[str, ir.Value]:
                 for name, value in sub.initializers.items():
                     found.setdefault(name, value)
     return found
+
+
+_NOTES_KEY = "spa.notes"
+
+
+def add_note(model: ir.Model, text: str) -> None:
+    """Record something a pass did that the user should read in the report ("upgraded from
+    opset 9", "269 weights were graph inputs"). Kept in ``model.meta``: never serialized."""
+    model.meta.setdefault(_NOTES_KEY, []).append(text)
+
+
+def notes(model: ir.Model) -> list[str]:
+    """The notes passes recorded on ``model`` (see :func:`add_note`), in order."""
+    return list(model.meta.get(_NOTES_KEY, []))

@@ -59,6 +59,10 @@ class PruneOptions:
     allow_inexact: bool = False
     verify: str = "full"
     benchmark: bool = True
+    #: Write the output at the input's opset (7–10) where the version converter can go back.
+    keep_opset: bool = False
+    #: Keep initializers that are also graph inputs as overridable inputs (their channels frozen).
+    keep_weight_inputs: bool = False
 
     def validate(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
