@@ -21,7 +21,7 @@ from spa.errors import (
     VerificationError,
 )
 from spa.io import load_model as load
-from spa.pipeline import Analysis, PruneOptions, PruneResult, analyze, apply, execute_plan, make_plan, plan, prune
+from spa.pipeline import Analysis, PruneOptions, PruneResult, analyze, apply, explain, plan, prune
 from spa.planning import Plan
 from spa.report import Report
 
@@ -32,12 +32,11 @@ __all__ = [
     "__version__",
     "prune",
     "plan",
-    "make_plan",
     "apply",
     "analyze",
     "inspect",
     "load",
-    "execute_plan",
+    "explain",
     "PruneOptions",
     "PruneResult",
     "Analysis",

@@ -2,14 +2,13 @@
 
 Exit codes (DESIGN.md): 0 done; 2 bad input or usage (one line on stderr, no traceback);
 1 internal bug or a pruned model that failed verification (nothing is written then).
-Only this module prints; the library logs.
+Only this module prints; the library logs. Every output path is checked before any work.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import pathlib
 import sys
 import traceback
@@ -24,8 +23,9 @@ from rich.table import Table
 from spa import io
 from spa.allocate import ALLOCATIONS
 from spa.criteria import CRITERIA
-from spa.errors import OutputError, SpaError, UnsupportedError, UsageError, VerificationError
-from spa.pipeline import PruneOptions, analyze, apply as apply_plan, execute_plan, make_plan
+from spa.errors import OutputError, SpaError, UsageError, VerificationError
+from spa.passes.manager import DumpInstrument, PassManager, ProgressInstrument
+from spa.pipeline import PruneOptions, State, analyze, default_steps, run_pipeline
 from spa.planning import Plan
 from spa.report import Report, Timer, human
 from spa.verify import parse_input_shapes, parse_input_values
@@ -36,14 +36,14 @@ __all__ = ["main", "cli"]
 err = Console(stderr=True)
 out = Console()
 
-# Criteria, compensation and targets that later work adds; named here so users get a reason.
-PLANNED_CRITERIA = ("bn", "taylor", "snip", "grasp", "crop", "activation")
-PLANNED_TARGETS = ("llvm", "cuda")
-
 
 def _fail(code: int, message: str) -> None:
     err.print(f"spa: error: {message}", markup=False, highlight=False, soft_wrap=True)
     sys.exit(code)
+
+
+def _say(kind: str, message: str) -> None:
+    err.print(f"spa: {kind}: {message}", markup=False, highlight=False, soft_wrap=True)
 
 
 @contextmanager
@@ -65,105 +65,149 @@ def _errors() -> Iterator[None]:
 
 
 class _Progress:
-    """A spinner naming the current stage, on stderr, for stages that take a while."""
+    """A spinner naming the current step, on stderr."""
 
     def __init__(self, enabled: bool) -> None:
         self._status = err.status("starting", spinner="dots") if enabled else None
 
-    def __enter__(self) -> Callable[[str], None] | None:
+    def __enter__(self) -> list[Any]:
         if self._status is None:
-            return None
+            return []
         self._status.__enter__()
-        return lambda stage: self._status.update(f"[bold]{stage}[/bold]…")
+        return [ProgressInstrument(lambda step: self._status.update(f"[bold]{step}[/bold]…"))]
 
     def __exit__(self, *exc) -> None:
         if self._status is not None:
             self._status.__exit__(*exc)
 
 
-def _common_prune_options(f):
-    options = [
-        click.option("--ratio", type=float, default=0.5, show_default=True, help="Fraction of each group's channels to remove, in [0, 1)."),
-        click.option("--criterion", default="l1", show_default=True, help=f"Importance criterion: {', '.join(sorted(CRITERIA))}."),
-        click.option("--allocation", type=click.Choice(ALLOCATIONS), default="uniform", show_default=True),
-        click.option("--min-keep", type=float, default=0.1, show_default=True, help="Each group keeps at least this fraction (and ≥ 1)."),
-        click.option("--round-to", type=int, default=1, show_default=True, help="Kept counts are multiples of N where possible."),
-        click.option("--flops-target", type=float, default=None, help="Keep ≤ F of the original FLOPs (searches the ratio)."),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:1x3x224x224", help="Shape for an input with dynamic dims (repeatable)."),
+def _set_verbosity(ctx: click.Context, _param: click.Parameter, value: int) -> None:
+    if value:
+        logging.getLogger().setLevel(logging.WARNING - 10 * min(value, 2))
+
+
+_verbose = click.option("-v", "--verbose", count=True, expose_value=False, callback=_set_verbosity, help="Log more (repeatable).")
+
+
+def _options_decorator(options: list) -> Callable:
+    def deco(f):
+        for o in reversed(options):
+            f = o(f)
+        return f
+
+    return deco
+
+
+_input_options = _options_decorator(
+    [
+        click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:1x3x224x224", help="Shape for an input with dynamic dims (repeatable); used by every count, the oracle and the benchmark."),
         click.option("--input-value", "input_values", multiple=True, metavar="NAME=VALUE", help="Fill an input with a constant instead of random values (e.g. sr=16000)."),
-        click.option(
-            "--allow-inexact",
-            is_flag=True,
-            help="Also prune channels that LayerNorm/RMSNorm mix (a transformer's hidden size). Not exact: the report says which groups.",
-        ),
     ]
-    for o in reversed(options):
-        f = o(f)
-    return f
+)
+
+_plan_options = _options_decorator(
+    [
+        click.option("--ratio", type=float, default=0.5, show_default=True, help="Fraction of each group's channels to remove, in [0, 1)."),
+        click.option("--criterion", type=click.Choice(sorted(CRITERIA)), default="l1", show_default=True, help="Importance criterion, aggregated over every coupled weight of a group."),
+        click.option("--allocation", type=click.Choice(ALLOCATIONS), default="uniform", show_default=True, help="uniform: the same ratio per group; global: one threshold over normalised scores."),
+        click.option("--min-keep", type=float, default=0.1, show_default=True, help="Every layer keeps at least this fraction of its channels (and ≥ 1)."),
+        click.option("--round-to", type=int, default=1, show_default=True, help="Every layer's kept channel count is a multiple of N where it has ≥ N channels."),
+        click.option("--flops-target", type=float, default=None, help="Keep ≤ F of the original FLOPs (the ratio is searched)."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random criterion and of the verification inputs."),
+        _input_options,
+        click.option("--allow-inexact", is_flag=True, help="Also prune channels that LayerNorm/RMSNorm mix (a transformer's hidden size). Not exact: the report says which groups."),
+    ]
+)
+
+_run_options = _options_decorator(
+    [
+        click.option("--verify", type=click.Choice(["full", "check", "none"]), default="full", show_default=True, help="full: checker + ORT + mask oracle; check: checker only; none: nothing."),
+        click.option("--report", "report_path", type=click.Path(), default=None, help="Write the report JSON here."),
+        click.option("--json", "as_json", is_flag=True, help="Print the report JSON on stdout (for build scripts)."),
+        click.option("--quiet", is_flag=True, help="Print nothing on success."),
+        click.option("--in-place", is_flag=True, help="Allow writing over the input file (never done otherwise)."),
+        click.option("--dump-dir", type=click.Path(file_okay=False), default=None, help="Write the model after every step that changes it into DIR (NN-step.onnx), for debugging."),
+        click.option("--explain", is_flag=True, help="Print the steps that would run for these options, and exit."),
+        _verbose,
+    ]
+)
 
 
-def _options(*, criterion: str, input_shapes: tuple[str, ...], input_values: tuple[str, ...] = (), **kw: Any) -> PruneOptions:
-    """PruneOptions from the shared prune/plan flags (names match PruneOptions' fields)."""
-    if criterion in PLANNED_CRITERIA:
-        raise UnsupportedError(f"criterion '{criterion}' is not available yet (available: {', '.join(sorted(CRITERIA))})")
-    opts = PruneOptions(
-        criterion=criterion,
-        input_shapes=parse_input_shapes(input_shapes),
-        input_values=parse_input_values(input_values),
-        **kw,
-    )
+def _prune_options(*, input_shapes: tuple[str, ...] = (), input_values: tuple[str, ...] = (), **kw: Any) -> PruneOptions:
+    """PruneOptions from the CLI flags (names match PruneOptions' fields)."""
+    opts = PruneOptions(input_shapes=parse_input_shapes(input_shapes), input_values=parse_input_values(input_values), **kw)
     opts.validate()
     return opts
 
 
-def _check_output(inp: str, output: str | None, in_place: bool, suffix: str = ".spa.onnx") -> pathlib.Path:
-    """Decide and check the output path *before* any work, so a bad -o fails fast."""
-    path = pathlib.Path(output) if output else io.default_output_path(inp)
-    if os.path.exists(inp) and path.exists() and os.path.samefile(inp, path) and not in_place:
-        raise OutputError(f"refusing to overwrite the input '{inp}' (use --in-place)")
-    parent = path.resolve().parent
-    if not parent.is_dir():
-        raise OutputError(f"cannot write '{path}': folder '{parent}' does not exist")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"cannot write '{path}': folder '{parent}' is not writable")
-    if path.is_dir():
-        raise OutputError(f"cannot write '{path}': it is a directory")
-    return path
+def _check_dump_dir(path: str | None) -> pathlib.Path | None:
+    if path is None:
+        return None
+    p = pathlib.Path(path)
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"--dump-dir {path}: is a file")
+    if not p.exists():
+        io.check_output_path(p)  # its parent must exist and be writable
+        p.mkdir()
+    else:
+        io.check_output_path(p / "x.onnx")
+    return p
 
 
-def _print_report(r: Report) -> None:
-    t = Table(title="spa prune", show_lines=False)
-    t.add_column("")
-    t.add_column("before", justify="right")
-    t.add_column("after", justify="right")
-    t.add_column("ratio", justify="right")
-    t.add_row("params", human(r.params_before), human(r.params_after), f"{r.params_ratio:.3f}")
-    t.add_row("FLOPs", human(r.flops_before), human(r.flops_after), f"{r.flops_ratio:.3f}")
-    if r.latency_ms_before is not None:
-        t.add_row("ORT latency (ms)", f"{r.latency_ms_before:.3f}", f"{r.latency_ms_after:.3f}", f"{r.speedup:.2f}× faster")
+def _explain(state: State, mode: str) -> None:
+    t = Table(title=f"spa {mode}: the steps for these options", show_lines=False)
+    for col in ("#", "step", "runs", "what it does"):
+        t.add_column(col)
+    for i, (name, on, why) in enumerate(PassManager(default_steps(mode=mode)).explain(state), 1):
+        t.add_row(str(i), name, "yes" if on else "no", why)
     out.print(t)
-    out.print(
-        f"groups: {r.groups_total} · pruned {r.groups_pruned} · blocked {r.groups_blocked} · partly frozen {r.groups_partial}"
-    )
-    if r.oracle is not None:
-        verdict = "exact" if r.oracle["passed"] else "NOT exact (inexact groups: " + ", ".join(r.oracle["inexact_groups"]) + ")"
-        out.print(f"mask-equivalence oracle: max |diff| {r.oracle['max_abs_diff']:.3g} → {verdict}")
-        if r.oracle.get("exact_part"):
-            out.print(f"  the exact groups alone: max |diff| {r.oracle['exact_part']['max_abs_diff']:.3g} → exact")
-    reasons: dict[str, int] = {}
-    for b in r.blocked:
-        for reason in b["reasons"][:1]:
-            reasons[reason["code"]] = reasons.get(reason["code"], 0) + 1
-    if reasons:
-        out.print("frozen channels, by reason: " + ", ".join(f"{k} ×{v}" for k, v in sorted(reasons.items())))
-    if r.output:
-        out.print(f"wrote {r.output}")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _run(state: State, mode: str, *, as_json: bool, quiet: bool, explain: bool, dump_dir: str | None) -> None:
+    """Check every output path, then run the pipeline and print what it did."""
+    if state.output_path is not None:
+        state.output_path = io.check_output_path(state.output_path, source_path=state.source_path, in_place=state.in_place)
+    if state.report_path is not None:
+        state.report_path = io.check_output_path(state.report_path, source_path=state.source_path)
+    if explain:
+        _explain(state, mode)
+        return
+    dump = _check_dump_dir(dump_dir)
+    timer = Timer()
+    with _Progress(not (quiet or as_json)) as instruments:
+        if dump is not None:
+            instruments.append(DumpInstrument(dump))
+        run_pipeline(state, mode=mode, timer=timer, instruments=instruments)
+    report = state.report
+    if as_json:
+        click.echo(report.dumps())
+    if not quiet:
+        for w in report.warnings:
+            _say("warning", w)
+    if not (quiet or as_json):
+        _print_report(report)
+
+
+class _OneLineErrors(click.Group):
+    """Usage errors as one line (``spa: error: …``, exit 2), like every other refusal."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args, prog_name or "spa", complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:
+            click.echo(e.ctx.get_help() if e.ctx else str(e), err=True)
+            sys.exit(2)
+        except click.ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            _fail(2, e.format_message().splitlines()[0] + (f" (see {ctx.command_path} --help)" if ctx is not None else ""))
+        except click.exceptions.Abort:
+            _fail(130, "interrupted")
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="spa")
-@click.option("-v", "--verbose", count=True, help="Log more (repeatable).")
+@click.option("-v", "--verbose", count=True, help="Log more (repeatable; also accepted after the command).")
 def cli(verbose: int) -> None:
     """Structurally Prune Anything: exact structured pruning of ONNX models."""
     logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 2), format="%(levelname)s %(name)s: %(message)s")
@@ -172,83 +216,79 @@ def cli(verbose: int) -> None:
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=True))
 @click.option("-o", "--output", type=click.Path(), default=None, help="Output path (default: MODEL.spa.onnx beside the input).")
-@_common_prune_options
-@click.option("--compensate", type=click.Choice(["none", "data-free", "calibration"]), default="none", show_default=True)
-@click.option("--calibration", type=click.Path(), default=None, help="Calibration data (with --compensate calibration).")
-@click.option("--target", default="onnx", show_default=True, help="Output form: onnx (TVM targets come later).")
-@click.option("--verify", type=click.Choice(["full", "check", "none"]), default="full", show_default=True, help="full: checker + ORT oracle; check: checker only.")
-@click.option("--no-bench", is_flag=True, help="Skip the ORT latency measurement.")
-@click.option("--report", "report_path", type=click.Path(), default=None, help="Write the report JSON here.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report JSON on stdout (for build scripts).")
-@click.option("--quiet", is_flag=True, help="Print nothing on success.")
-@click.option("--in-place", is_flag=True, help="Allow writing over the input file.")
-def prune(model, output, compensate, calibration, target, verify, no_bench, report_path, as_json, quiet, in_place, **flags) -> None:
+@_plan_options
+@click.option("--no-bench", is_flag=True, help="Skip the side-by-side ORT latency measurement.")
+@_run_options
+def prune(model, output, no_bench, verify, report_path, as_json, quiet, in_place, dump_dir, explain, **flags) -> None:
     """Prune MODEL and write the smaller model."""
     with _errors():
-        if compensate != "none":
-            raise UnsupportedError(f"--compensate {compensate} is not available yet (only 'none')")
-        if target != "onnx":
-            raise UnsupportedError(f"--target {target} is not available yet (only 'onnx')")
-        opts = _options(verify=verify, benchmark=not no_bench, **flags)
-        out_path = _check_output(model, output, in_place)
-        with _Progress(not (quiet or as_json)) as on_stage:
-            timer = Timer(on_stage)
-            analysis = analyze(model, timer, allow_inexact=opts.allow_inexact, input_shapes=opts.input_shapes)
-            plan, notes = make_plan(analysis, opts, timer)
-            result = execute_plan(analysis, plan, opts, timer, notes)
-            with timer("save"):
-                written = io.save_model(result.model, out_path, source_path=model, in_place=in_place)
-        result.report.output = str(written)
-        result.report.timings = dict(timer.timings)
-        _emit(result.report.to_json(), report_path, as_json)
-        if not (quiet or as_json):
-            _print_report(result.report)
+        opts = _prune_options(verify=verify, benchmark=not no_bench, **flags)
+        state = State(
+            source=model, options=opts, source_path=model, in_place=in_place,
+            output_path=pathlib.Path(output) if output else io.default_output_path(model),
+            report_path=pathlib.Path(report_path) if report_path else None,
+        )
+        _run(state, "prune", as_json=as_json, quiet=quiet, explain=explain, dump_dir=dump_dir)
 
 
-def _emit(payload: dict[str, Any], path: str | None, as_json: bool) -> None:
-    text = json.dumps(payload, indent=1)
-    if path:
-        p = pathlib.Path(path)
-        if not p.resolve().parent.is_dir():
-            raise OutputError(f"cannot write report '{path}': folder does not exist")
-        p.write_text(text + "\n")
-    if as_json:
-        click.echo(text)
+@cli.command("plan")
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.option("-o", "--output", type=click.Path(), required=True, help="Where to write the plan JSON.")
+@_plan_options
+@_verbose
+def plan_cmd(model, output, **flags) -> None:
+    """Decide what to prune (no surgery) and write the plan as JSON."""
+    with _errors():
+        opts = _prune_options(**flags)
+        out_path = io.check_output_path(output, source_path=model)
+        state = run_pipeline(State(source=model, options=opts), mode="plan")
+        io.write_text_atomic(out_path, state.plan.dumps() + "\n")
+        pruned = sum(1 for g in state.plan.groups if g.removed)
+        err.print(f"plan: {pruned}/{len(state.plan.groups)} groups pruned, {len(state.plan.tensors)} tensors sliced → {output}", markup=False, highlight=False)
 
 
-def _write_text_atomic(path: pathlib.Path, text: str) -> None:
-    """Write beside ``path`` first, then rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write '{path}': {e.strerror or e}") from e
+@cli.command("apply")
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.argument("plan_file", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(), default=None, help="Output path (default: MODEL.spa.onnx beside the input).")
+@_input_options
+@click.option("--bench", is_flag=True, help="Also measure ORT latency side by side.")
+@_run_options
+def apply_cmd(model, plan_file, output, input_shapes, input_values, bench, verify, report_path, as_json, quiet, in_place, dump_dir, explain) -> None:
+    """Replay PLAN_FILE (from `spa plan`) on MODEL."""
+    with _errors():
+        plan = _read_plan(plan_file)
+        opts = _prune_options(**{**plan.options, "verify": verify, "benchmark": bench, "input_shapes": input_shapes, "input_values": input_values})
+        state = State(
+            source=model, options=opts, plan=plan, source_path=model, in_place=in_place,
+            output_path=pathlib.Path(output) if output else io.default_output_path(model),
+            report_path=pathlib.Path(report_path) if report_path else None,
+        )
+        _run(state, "apply", as_json=as_json, quiet=quiet, explain=explain, dump_dir=dump_dir)
 
 
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=True))
+@_input_options
 @click.option("--json", "as_json", is_flag=True, help="Print groups as JSON.")
 @click.option("--all", "show_all", is_flag=True, help="Also list groups that are not channels (no weighted source).")
-@click.option("--html", "html_path", type=click.Path(), default=None, help="Also draw the graph, coloured by group, with blocking ops marked, into this self-contained HTML file.")
-def inspect(model, as_json, show_all, html_path) -> None:
+@click.option("--html", "html_path", type=click.Path(), default=None, help="Also draw the graph, coloured by group, with freezing ops marked, into this self-contained HTML file.")
+@click.option("--allow-inexact", is_flag=True, help="Analyze as `prune --allow-inexact` would.")
+@_verbose
+def inspect(model, input_shapes, input_values, as_json, show_all, html_path, allow_inexact) -> None:
     """Show MODEL's channel groups: sizes, layers, what is frozen and why."""
     with _errors():
-        html_out = None
-        if html_path:
-            if os.path.exists(model) and os.path.exists(html_path) and os.path.samefile(model, html_path):
-                raise OutputError(f"refusing to overwrite the input '{model}' with the HTML drawing")
-            html_out = _check_output(model, html_path, in_place=True)
-        a = analyze(model)
+        parse_input_values(input_values)  # checked like prune's, though inspect runs nothing
+        html_out = io.check_output_path(html_path, source_path=model) if html_path else None
+        a = analyze(model, allow_inexact=allow_inexact, input_shapes=parse_input_shapes(input_shapes))
         if html_out is not None:
-            _write_text_atomic(html_out, render_html(a))
+            io.write_text_atomic(html_out, render_html(a))
             err.print(f"wrote {html_out}", markup=False, highlight=False, soft_wrap=True)
         cost = a.cost.count()
         groups = a.channels.groups if show_all else a.channels.candidates
         rows = []
         for g in groups:
-            status = "blocked" if not g.prunable else ("partial" if g.frozen.any() else "prunable")
+            status = "frozen" if not g.prunable else ("partly frozen" if g.frozen.any() else "prunable")
             rows.append(
                 {
                     "group": g.id,
@@ -273,49 +313,47 @@ def inspect(model, as_json, show_all, html_path) -> None:
         out.print(t)
 
 
-@cli.command("plan")
-@click.argument("model", type=click.Path(dir_okay=True))
-@click.option("-o", "--output", type=click.Path(), required=True, help="Where to write the plan JSON.")
-@_common_prune_options
-def plan_cmd(model, output, **flags) -> None:
-    """Decide what to prune (no surgery) and write the plan as JSON."""
-    with _errors():
-        opts = _options(**flags)
-        out_path = pathlib.Path(output)
-        if not out_path.resolve().parent.is_dir():
-            raise OutputError(f"cannot write '{output}': folder does not exist")
-        a = analyze(model, allow_inexact=opts.allow_inexact, input_shapes=opts.input_shapes)
-        plan, _ = make_plan(a, opts)
-        out_path.write_text(plan.dumps() + "\n")
-        pruned = sum(1 for g in plan.groups if g.removed)
-        err.print(f"plan: {pruned}/{len(plan.groups)} groups pruned, {len(plan.tensors)} tensors sliced → {output}")
+def _latency_cells(r: Report) -> tuple[str, str, str]:
+    (b10, b90), (a10, a90) = r.latency_p10_p90_ms or ([r.latency_ms_before] * 2, [r.latency_ms_after] * 2)
+    before = f"{r.latency_ms_before:.3f} ({b10:.3f}–{b90:.3f})"
+    after = f"{r.latency_ms_after:.3f} ({a10:.3f}–{a90:.3f})"
+    if r.latency_significant is False:
+        return before, after, "no significant change"
+    ratio = r.latency_ms_after / r.latency_ms_before
+    return before, after, f"{ratio:.3f} ({r.speedup:.2f}× {'faster' if ratio < 1 else 'slower'})"
 
 
-@cli.command("apply")
-@click.argument("model", type=click.Path(dir_okay=True))
-@click.argument("plan_file", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", type=click.Path(), default=None)
-@click.option("--verify", type=click.Choice(["full", "check", "none"]), default="full", show_default=True)
-@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:1x3x224x224")
-@click.option("--input-value", "input_values", multiple=True, metavar="NAME=VALUE")
-@click.option("--report", "report_path", type=click.Path(), default=None)
-@click.option("--json", "as_json", is_flag=True)
-@click.option("--quiet", is_flag=True)
-@click.option("--in-place", is_flag=True)
-def apply_cmd(model, plan_file, output, verify, input_shapes, input_values, report_path, as_json, quiet, in_place) -> None:
-    """Replay PLAN_FILE (from `spa plan`) on MODEL."""
-    with _errors():
-        plan = _read_plan(plan_file)
-        out_path = _check_output(model, output, in_place)
-        result = apply_plan(
-            model, plan, verify=verify, benchmark=False,
-            input_shapes=parse_input_shapes(input_shapes), input_values=parse_input_values(input_values),
-        )
-        written = io.save_model(result.model, out_path, source_path=model, in_place=in_place)
-        result.report.output = str(written)
-        _emit(result.report.to_json(), report_path, as_json)
-        if not (quiet or as_json):
-            _print_report(result.report)
+def _print_report(r: Report) -> None:
+    t = Table(title="spa prune", show_lines=False)
+    for col, justify in (("", "left"), ("before", "right"), ("after", "right"), ("after/before", "right")):
+        t.add_column(col, justify=justify)
+    t.add_row("params", human(r.params_before), human(r.params_after), f"{r.params_ratio:.3f}")
+    t.add_row("FLOPs", human(r.flops_before), human(r.flops_after), f"{r.flops_ratio:.3f}")
+    if r.latency_ms_before is not None:
+        t.add_row("ORT ms: median (p10–p90)", *_latency_cells(r))
+    out.print(t)
+    out.print(f"groups: {r.groups_total} · pruned {r.groups_pruned} · frozen {r.groups_blocked} · partly frozen {r.groups_partial}")
+    if r.oracle is not None:
+        o = r.oracle
+        if o.get("asserted", True):
+            out.print(f"mask-equivalence oracle: max |diff| {o['max_abs_diff']:.3g} → exact (the surgery is proven)")
+        else:
+            out.print(
+                f"mask-equivalence oracle: max |diff| {o['max_abs_diff']:.3g} — not a proof: groups "
+                f"{', '.join(o['inexact_groups'])} mix channels (--allow-inexact)"
+            )
+            if o.get("exact_part"):
+                out.print(f"  the other groups alone: max |diff| {o['exact_part']['max_abs_diff']:.3g} → proven")
+    reasons: dict[str, int] = {}
+    for b in r.blocked:
+        for reason in b["reasons"][:1]:
+            reasons[reason["code"]] = reasons.get(reason["code"], 0) + 1
+    if reasons:
+        out.print("frozen channels, by reason: " + ", ".join(f"{k} ×{v}" for k, v in sorted(reasons.items())))
+    for note in r.notes:
+        out.print(f"note: {note}")
+    if r.output:
+        out.print(f"wrote {r.output}")
 
 
 def _read_plan(path: str) -> Plan:
@@ -323,9 +361,15 @@ def _read_plan(path: str) -> Plan:
     if not p.is_file():
         raise UsageError(f"plan '{path}' is not a file")
     try:
-        return Plan.from_json(json.loads(p.read_text()))
-    except (ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"plan '{path}' is not a valid spa plan: {e}") from e
+        data = json.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"plan '{path}' is not JSON: {e}") from e
+    try:
+        return Plan.from_json(data)
+    except SpaError as e:
+        raise UsageError(f"plan '{path}': {e}") from e
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UsageError(f"plan '{path}' is not a valid spa plan: {type(e).__name__} {e}") from e
 
 
 def main() -> None:

@@ -542,3 +542,29 @@ def _one_line(exc: BaseException) -> str:
 
 def _os_reason(exc: OSError) -> str:
     return exc.strerror or _one_line(exc)
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> pathlib.Path:
+    """Write a text file (report, plan, HTML) beside its target, then rename: a reader never
+    sees half a file, and a failed write leaves nothing behind."""
+    out = pathlib.Path(os.path.abspath(os.fspath(path)))
+    _check_output_folder(out)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.spa-tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{out}: write failed ({_os_reason(exc)})") from exc
+    return out
+
+
+def check_output_path(path: str | os.PathLike[str], *, source_path: str | os.PathLike[str] | None = None,
+                      in_place: bool = False) -> pathlib.Path:
+    """Refuse an output path before any work is done: a missing or unwritable folder, a
+    directory, or the input itself (unless ``in_place``). Returns the absolute path."""
+    out = pathlib.Path(os.path.abspath(os.fspath(path)))
+    _check_output_folder(out)
+    if not in_place and source_path is not None and os.path.exists(source_path) and _same_file(out, source_path):
+        raise OutputError(f"{out}: would overwrite the input model (use --in-place)")
+    return out

@@ -1,22 +1,28 @@
-"""The pipeline, readable top to bottom (DESIGN.md, "The pipeline").
+"""The pipeline, readable top to bottom in one place (:func:`default_steps`).
 
-    load → canonicalize → analyze → score → allocate → plan │ prune → verify → report
+    load → canonicalize → analyze → score → allocate → plan │ snapshot → prune → measure
+         → check → oracle → benchmark → report → save
 
-``make_plan`` runs the left half (no mutation of anything the caller owns) and returns a
-:class:`~spa.planning.Plan`; ``execute_plan`` runs the right half on a model. ``prune`` is both.
-``apply`` replays a saved plan on the model it was made for.
+Every entry is a :class:`~spa.passes.manager.Step` run by the pass manager over one
+:class:`State`; later stages (compensate, lowrank, fold, emit) are new entries in that list.
+``spa.plan`` runs the steps up to ``plan`` (no surgery); ``spa.prune`` runs them all;
+``spa.apply`` replaces score/allocate/plan by a saved plan.
+
+The model before surgery stays readable after it: ``State.analysis`` (the canonical input
+model with its channel graph and cost) is never mutated — surgery works on a copy read back
+from the snapshot on disk — so verification, and compensation later, can read the original
+consumer weights and the removed slices.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gc
 import logging
 import os
 import pathlib
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -24,20 +30,33 @@ import onnx
 import onnx_ir as ir
 
 from spa import io
+from spa import verify as verify_mod
 from spa.allocate import allocate, search_ratio
 from spa.analysis.channels import ChannelGraph, analyze_channels
-from spa.analysis.cost import CostModel
+from spa.analysis.cost import Cost, CostModel
 from spa.criteria import CriterionInputs, get_criterion, score_groups
-from spa.errors import PlanMismatchError, UsageError, VerificationError
+from spa.errors import PlanMismatchError, UsageError
+from spa.graph import all_initializers, notes as model_notes
 from spa.passes.canonicalize import CanonicalizePass
+from spa.passes.manager import PassManager, Step, TimingInstrument
 from spa.passes.prune import PrunePass
 from spa.planning import Plan, build_plan
 from spa.report import Report, Timer
 from spa.rules.base import Role
-from spa import verify as verify_mod
-from spa.graph import all_initializers
 
-__all__ = ["PruneOptions", "PruneResult", "Analysis", "load", "analyze", "make_plan", "execute_plan", "prune", "plan", "apply"]
+__all__ = [
+    "PruneOptions",
+    "PruneResult",
+    "Analysis",
+    "State",
+    "default_steps",
+    "explain",
+    "load",
+    "analyze",
+    "prune",
+    "plan",
+    "apply",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -91,13 +110,80 @@ class PruneResult:
 
 @dataclasses.dataclass
 class Analysis:
-    """A loaded, canonicalized model with its channel graph and cost model (read-only)."""
+    """The canonical input model with its channel graph and cost model. Nothing mutates it:
+    it describes the model before surgery for as long as it lives."""
 
     model: ir.Model
     source: str
     sha256: str | None
     channels: ChannelGraph
     cost: CostModel
+
+
+@dataclasses.dataclass
+class State:
+    """Everything the steps share. Steps read what earlier steps wrote, in list order."""
+
+    source: ModelSource
+    options: PruneOptions
+    plan: Plan | None = None
+    #: Where ``save`` writes (the CLI's -o and --report); nothing is written when None.
+    output_path: pathlib.Path | None = None
+    report_path: pathlib.Path | None = None
+    source_path: str | None = None
+    in_place: bool = False
+    #: The model the next step works on: the canonical input, then (after ``prune``) a pruned copy.
+    model: ir.Model | None = None
+    source_desc: str = ""
+    sha256: str | None = None
+    analysis: Analysis | None = None
+    scores: dict[str, np.ndarray] | None = None
+    removed: dict[str, np.ndarray] | None = None
+    notes: dict[str, Any] = dataclasses.field(default_factory=dict)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    workdir: pathlib.Path | None = None
+    snapshot_path: pathlib.Path | None = None
+    pruned_path: pathlib.Path | None = None
+    feeds: dict[str, np.ndarray] | None = None
+    cost_after: Cost | None = None
+    oracle: dict[str, Any] | None = None
+    latency: verify_mod.Latency | None = None
+    report: Report | None = None
+    #: Seconds per step so far (the timing instrument writes it; the report copies it).
+    timer: Timer = dataclasses.field(default_factory=Timer)
+    _cache: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    # -- analyses of the current model, cached until a step changes it -------------------------
+    def invalidate(self) -> None:
+        self._cache.clear()
+
+    def channels(self) -> ChannelGraph:
+        if "channels" not in self._cache:
+            self._cache["channels"] = analyze_channels(self.model, allow_inexact=self.options.allow_inexact)
+        return self._cache["channels"]
+
+    def cost(self) -> CostModel:
+        if "cost" not in self._cache:
+            self._cache["cost"] = CostModel(self.model, dim_values=_dim_values(self.model, self.options.input_shapes))
+        return self._cache["cost"]
+
+    def scratch(self, name: str) -> pathlib.Path:
+        """``workdir/name/model.onnx`` (a folder per file: external data goes beside it)."""
+        if self.workdir is None:
+            self.workdir = pathlib.Path(tempfile.mkdtemp(prefix="spa-"))
+        folder = self.workdir / name
+        folder.mkdir(exist_ok=True)
+        return folder / "model.onnx"
+
+    def close(self) -> None:
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+
+
+# ---------------------------------------------------------------------------------------------
+# The steps. Each is small and delegates; the list in ``default_steps`` is the pipeline.
+# ---------------------------------------------------------------------------------------------
 
 
 def load(source: ModelSource) -> tuple[ir.Model, str, str | None]:
@@ -113,6 +199,231 @@ def load(source: ModelSource) -> tuple[ir.Model, str, str | None]:
     return io.load_model(source), "<onnx.ModelProto>", None
 
 
+def _load(s: State) -> bool:
+    s.model, s.source_desc, s.sha256 = load(s.source)
+    if s.source_path is None and isinstance(s.source, (str, os.PathLike)):
+        s.source_path = os.fspath(s.source)
+    return True
+
+
+def _canonicalize(s: State) -> bool:
+    return CanonicalizePass()(s.model).modified
+
+
+def _analyze(s: State) -> bool:
+    s.analysis = Analysis(s.model, s.source_desc, s.sha256, s.channels(), s.cost())
+    return False
+
+
+def _score(s: State) -> bool:
+    crit = get_criterion(s.options.criterion)
+    s.scores = score_groups(s.analysis.channels, crit, CriterionInputs(weight=_weight_reader(s.model), seed=s.options.seed))
+    return False
+
+
+def _allocate(s: State) -> bool:
+    o, cg = s.options, s.analysis.channels
+
+    def removed_at(ratio: float) -> dict[str, np.ndarray]:
+        return allocate(cg.groups, s.scores, ratio=ratio, method=o.allocation, min_keep=o.min_keep, round_to=o.round_to)
+
+    ratio = o.ratio
+    if o.flops_target is not None:
+        cost = s.analysis.cost
+        base = cost.count().flops
+        ratio = search_ratio(lambda r: cost.count(_size_fn(cg, removed_at(r))).flops / max(base, 1), o.flops_target)
+        s.notes["searched_ratio"] = ratio
+    s.removed = removed_at(ratio)
+    return False
+
+
+def _plan(s: State) -> bool:
+    s.plan = build_plan(
+        s.model, s.analysis.channels, s.removed, scores=s.scores, options=s.options.plan_options(), model_sha256=s.sha256
+    )
+    return False
+
+
+def _check_plan(s: State) -> bool:
+    """A saved plan only replays on the model it was made for (sha256, when both know it)."""
+    if s.plan.model_sha256 and s.sha256 and s.plan.model_sha256 != s.sha256:
+        raise PlanMismatchError(f"the plan was made for a model with sha256 {s.plan.model_sha256[:12]}…, this one is {s.sha256[:12]}…")
+    return False
+
+
+def _snapshot(s: State) -> bool:
+    """Write the canonical model (the reference of every later comparison) and, when ORT is
+    needed, make the verification inputs and fail fast if ORT can't run the input."""
+    s.snapshot_path = s.scratch("original")
+    io.save_model(s.model, s.snapshot_path, durable=False)
+    if _needs_ort(s):
+        sess = verify_mod.session(s.snapshot_path)
+        s.feeds = verify_mod.make_inputs(sess, s.options.input_shapes, s.options.seed, s.options.input_values)
+        verify_mod.run(sess, s.feeds)
+    return False
+
+
+def _prune(s: State) -> bool:
+    # A copy read back from the snapshot: ``s.analysis.model`` must keep describing the input.
+    s.model = io.load_model(s.snapshot_path)
+    PrunePass(s.plan)(s.model)
+    return True
+
+
+def _measure(s: State) -> bool:
+    s.cost_after = s.cost().count()
+    if s.options.verify != "none" or s.options.benchmark:
+        s.pruned_path = s.scratch("pruned")
+        io.save_model(s.model, s.pruned_path, durable=False)
+    return False
+
+
+def _check(s: State) -> bool:
+    note = verify_mod.check_pruned(s.snapshot_path, s.pruned_path)
+    if note:
+        s.notes["checker"] = note
+    return False
+
+
+def _oracle(s: State) -> bool:
+    s.oracle = verify_mod.prove(s.analysis, s.plan, s.snapshot_path, s.pruned_path, s.feeds, s.scratch)
+    return False
+
+
+def _benchmark(s: State) -> bool:
+    s.latency = verify_mod.measure_side_by_side([s.snapshot_path, s.pruned_path], s.feeds)
+    return False
+
+
+def _report(s: State) -> bool:
+    s.report = _make_report(s)
+    s.report.timings = dict(s.timer.timings)  # every step before this one; saving is not timed here
+    return False
+
+
+def _save(s: State) -> bool:
+    """Write the report, then the model, so that a failure leaves neither behind."""
+    if s.output_path is not None:
+        s.report.output = str(pathlib.Path(os.path.abspath(s.output_path)))
+    written_report = None
+    if s.report_path is not None:
+        written_report = io.write_text_atomic(s.report_path, s.report.dumps() + "\n")
+    if s.output_path is not None:
+        try:
+            io.save_model(s.model, s.output_path, source_path=s.source_path, in_place=s.in_place)
+        except BaseException:
+            if written_report is not None:  # the report alone would describe a file that is not there
+                written_report.unlink(missing_ok=True)
+            raise
+    return False
+
+
+def _needs_ort(s: State) -> bool:
+    return s.options.verify == "full" or s.options.benchmark
+
+
+def default_steps(*, mode: str = "prune") -> list[Step]:
+    """The pipeline. ``mode``: ``plan`` (decide only), ``prune`` (decide and do), ``apply``
+    (do a plan given in ``State.plan``)."""
+    o = lambda s: s.options  # noqa: E731 - reads better in the table below
+    decide = [
+        Step("score", _score, "score every unit of every group with the criterion"),
+        Step("allocate", _allocate, "choose the units each group loses (ratio, or searched for --flops-target)"),
+        Step("plan", _plan, "turn the choice into tensor slices and attribute/constant rewrites"),
+    ]
+    head = [
+        Step("load", _load, "read the file safely (size/type checks, external data)"),
+        Step("canonicalize", _canonicalize, "inline functions, lift constants, name and sort nodes, infer shapes, fold shape arithmetic"),
+        Step("analyze", _analyze, "channel rules → units and coupled groups; FLOPs/params cost model"),
+    ]
+    if mode == "plan":
+        return head + decide
+    do = [
+        Step("snapshot", _snapshot, "keep the canonical model on disk; make seeded inputs and run it in ONNX Runtime"),
+        Step("prune", _prune, "surgery on a copy: slice every planned tensor, rewrite attributes and shape constants"),
+        Step("measure", _measure, "FLOPs/params of the pruned model"),
+        Step("check", _check, "ONNX checker (full check) on the pruned model",
+             when=lambda s: o(s).verify != "none", skip_reason=lambda s: "--verify none"),
+        Step("oracle", _oracle, "mask-equivalence oracle in ONNX Runtime (names the failing group)",
+             when=lambda s: o(s).verify == "full", skip_reason=lambda s: f"--verify {o(s).verify}"),
+        Step("benchmark", _benchmark, "ORT latency of the input and the pruned model, side by side",
+             when=lambda s: o(s).benchmark, skip_reason=lambda s: "--no-bench"),
+        Step("report", _report, "params, FLOPs, groups, oracle, latency, timings"),
+        Step("save", _save, "write the model and the report atomically",
+             when=lambda s: s.output_path is not None or s.report_path is not None, skip_reason=lambda s: "no output path (Python API: result.save)"),
+    ]
+    middle = [Step("check-plan", _check_plan, "the plan was made for this model (sha256)")] if mode == "apply" else decide
+    return head + middle + do
+
+
+def explain(options: PruneOptions, *, mode: str = "prune", output: bool = True) -> list[tuple[str, bool, str]]:
+    """(step, runs, what it does or why it is skipped) for these options."""
+    state = State(source="", options=options, output_path=pathlib.Path("out.onnx") if output else None)
+    return PassManager(default_steps(mode=mode)).explain(state)
+
+
+def run_pipeline(state: State, *, mode: str, timer: Timer | None = None, instruments: Sequence[Any] = ()) -> State:
+    """Run the default steps for ``mode`` on ``state``; scratch files are removed afterwards."""
+    state.options.validate()
+    if timer is not None:
+        state.timer = timer
+    manager = PassManager(default_steps(mode=mode), [TimingInstrument(state.timer), *instruments])
+    try:
+        manager.run(state)
+    finally:
+        state.close()
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+
+def _options(kwargs: dict[str, Any], base: Mapping[str, Any] | None = None) -> PruneOptions:
+    options = kwargs.pop("options", None) or PruneOptions(**{**(base or {}), **kwargs})
+    options.validate()
+    return options
+
+
+def analyze(
+    source: ModelSource,
+    timer: Timer | None = None,
+    *,
+    allow_inexact: bool = False,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+) -> Analysis:
+    """Load, canonicalize and analyze (``spa inspect``): nothing is pruned."""
+    options = PruneOptions(allow_inexact=allow_inexact, input_shapes=dict(input_shapes or {}))
+    state = State(source=source, options=options)
+    manager = PassManager(default_steps(mode="plan")[:3], [TimingInstrument(timer or Timer())])
+    manager.run(state)
+    return state.analysis
+
+
+def prune(source: ModelSource, *, timer: Timer | None = None, instruments: Sequence[Any] = (), **kwargs: Any) -> PruneResult:
+    """Prune a model (path, ModelProto or onnx_ir.Model); see :class:`PruneOptions` for kwargs."""
+    state = run_pipeline(State(source=source, options=_options(kwargs)), mode="prune", timer=timer, instruments=instruments)
+    return PruneResult(model=state.model, report=state.report, plan=state.plan)
+
+
+def plan(source: ModelSource, *, timer: Timer | None = None, instruments: Sequence[Any] = (), **kwargs: Any) -> Plan:
+    """Decide what to prune (analyze → allocate) without surgery; see :class:`PruneOptions`."""
+    return run_pipeline(State(source=source, options=_options(kwargs)), mode="plan", timer=timer, instruments=instruments).plan
+
+
+def apply(source: ModelSource, plan: Plan, *, timer: Timer | None = None, instruments: Sequence[Any] = (), **kwargs: Any) -> PruneResult:
+    """Replay ``plan`` on the model it was made for (checked by sha256 when both know it)."""
+    state = State(source=source, options=_options(kwargs, plan.options), plan=plan)
+    state = run_pipeline(state, mode="apply", timer=timer, instruments=instruments)
+    return PruneResult(model=state.model, report=state.report, plan=state.plan)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+
 def _dim_values(model: ir.Model, input_shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
     """Symbolic input dims named by ``--input-shape`` (batch, sequence …) for FLOP counts."""
     values: dict[str, int] = {}
@@ -124,24 +435,6 @@ def _dim_values(model: ir.Model, input_shapes: Mapping[str, Sequence[int]]) -> d
             if isinstance(d, ir.SymbolicDim) and d.value:
                 values[str(d.value)] = int(n)
     return values
-
-
-def analyze(
-    source: ModelSource,
-    timer: Timer | None = None,
-    *,
-    allow_inexact: bool = False,
-    input_shapes: Mapping[str, Sequence[int]] | None = None,
-) -> Analysis:
-    timer = timer or Timer()
-    with timer("load"):
-        model, desc, sha = load(source)
-    with timer("canonicalize"):
-        CanonicalizePass()(model)
-    with timer("analyze"):
-        channels = analyze_channels(model, allow_inexact=allow_inexact)
-        cost = CostModel(model, dim_values=_dim_values(model, input_shapes or {}))
-    return Analysis(model, desc, sha, channels, cost)
 
 
 def _weight_reader(model: ir.Model) -> Callable[[str], np.ndarray]:
@@ -174,192 +467,24 @@ def _size_fn(cg: ChannelGraph, removed: Mapping[str, np.ndarray]) -> Callable[[s
     return lambda name, axis: sizes.get((name, axis))
 
 
-def make_plan(analysis: Analysis, options: PruneOptions, timer: Timer | None = None) -> tuple[Plan, dict[str, Any]]:
-    """Score, allocate and plan. Returns the plan and notes for the report."""
-    timer = timer or Timer()
-    options.validate()
-    cg = analysis.channels
-    notes: dict[str, Any] = {}
-    with timer("score"):
-        crit = get_criterion(options.criterion)
-        scores = score_groups(cg, crit, CriterionInputs(weight=_weight_reader(analysis.model), seed=options.seed))
-    with timer("allocate"):
-
-        def removed_at(ratio: float) -> dict[str, np.ndarray]:
-            return allocate(cg.groups, scores, ratio=ratio, method=options.allocation, min_keep=options.min_keep, round_to=options.round_to)
-
-        ratio = options.ratio
-        if options.flops_target is not None:
-            base = analysis.cost.count().flops
-            ratio = search_ratio(
-                lambda r: analysis.cost.count(_size_fn(cg, removed_at(r))).flops / max(base, 1),
-                options.flops_target,
-            )
-            notes["searched_ratio"] = ratio
-        removed = removed_at(ratio)
-    with timer("plan"):
-        plan = build_plan(
-            analysis.model,
-            cg,
-            removed,
-            scores=scores,
-            options=options.plan_options(),
-            model_sha256=analysis.sha256,
-        )
-    return plan, notes
-
-
-def execute_plan(
-    analysis: Analysis,
-    plan: Plan,
-    options: PruneOptions,
-    timer: Timer | None = None,
-    notes: dict | None = None,
-    *,
-    blame: bool = True,
-) -> PruneResult:
-    """Surgery, verification and report. Raises VerificationError if the oracle fails
-    (naming the failing group when ``blame``: each group is then re-tried alone)."""
-    timer = timer or Timer()
-    notes = dict(notes or {})
-    model = analysis.model
-    cost_before = analysis.cost.count()
-    workdir = pathlib.Path(tempfile.mkdtemp(prefix="spa-"))
-    try:
-        need_ort = options.verify == "full" or options.benchmark
-        original_path = workdir / "original" / "model.onnx"
-        feeds = None
-        if need_ort or options.verify == "check":
-            with timer("snapshot"):
-                original_path.parent.mkdir()
-                io.save_model(model, original_path, durable=False)
-        if need_ort:
-            with timer("snapshot"):
-                # Fail fast (before surgery) if ORT cannot run the input on these shapes.
-                sess = verify_mod.session(original_path)
-                feeds = verify_mod.make_inputs(sess, options.input_shapes, options.seed, options.input_values)
-                verify_mod.run(sess, feeds)
-                del sess
-        with timer("prune"):
-            PrunePass(plan)(model)
-        with timer("measure"):
-            cost_after = CostModel(model, dim_values=_dim_values(model, options.input_shapes)).count()
-        oracle = None
-        latency = (None, None)
-        if options.verify != "none" or options.benchmark:
-            pruned_path = workdir / "pruned" / "model.onnx"
-            pruned_path.parent.mkdir()
-            io.save_model(model, pruned_path, durable=False)
-        if options.verify != "none":
-            with timer("verify"):
-                checker_note = _check(original_path, pruned_path)
-                if checker_note:
-                    notes["checker"] = checker_note
-                if options.verify == "full":
-                    oracle = _oracle(original_path, pruned_path, plan, feeds, options if blame else None)
-        if options.benchmark:
-            with timer("benchmark"):
-                lb, la = verify_mod.measure_latency([original_path, pruned_path], feeds)
-                latency = (round(lb, 4), round(la, 4))
-        report = _report(analysis, plan, options, cost_before, cost_after, oracle, latency, timer, notes)
-        return PruneResult(model=model, report=report, plan=plan)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _check(original_path: pathlib.Path, pruned_path: pathlib.Path) -> str | None:
-    """The ONNX checker on the pruned model. A failure the input model already has (an op the
-    checker calls deprecated but ORT runs, …) is noted, not blamed on pruning."""
-    try:
-        verify_mod.check_model_file(pruned_path)
-        return None
-    except VerificationError as pruned_error:
-        try:
-            verify_mod.check_model_file(original_path)
-        except VerificationError:
-            return f"the input model already fails the ONNX checker ({str(pruned_error).split(': ', 1)[-1]})"
-        raise
-
-
-def _oracle(
-    original_path: pathlib.Path, pruned_path: pathlib.Path, plan: Plan, feeds: dict[str, np.ndarray], blame: PruneOptions | None
-) -> dict[str, Any]:
-    # The reference: the original with every removed consumer slice zeroed, written beside it.
-    reference = ir.load(original_path)
-    verify_mod.mask_model(reference, plan)
-    masked_path = original_path.parent.parent / "masked" / "model.onnx"
-    masked_path.parent.mkdir()
-    io.save_model(reference, masked_path, durable=False)
-    del reference
-    gc.collect()  # onnx-ir's reference cycles would keep the masked weights alive
-    result = verify_mod.run_oracle(masked_path, pruned_path, feeds)
-    inexact = sorted({g.id for g in plan.groups if g.removed and g.inexact})
-    out = result.to_json() | {"inexact_groups": inexact, "asserted": not inexact}
-    if inexact and blame is not None:
-        # The inexact groups make the whole-model comparison a report, not a proof: prove the
-        # exact groups on their own so an inexact option never hides a wrong slice.
-        out["exact_part"] = _exact_part(original_path, plan, blame)
-    if not result.passed and not inexact:
-        culprit = _blame(original_path, plan, blame) if blame is not None else None
-        where = f"group {culprit}" if culprit else "the groups together (each alone passes)"
-        raise VerificationError(
-            f"mask-equivalence oracle failed in {where}: max difference {result.max_abs_diff:.3g} "
-            f"(scaled {result.max_scaled_diff:.3g})",
-            group=culprit,
-            max_diff=result.max_abs_diff,
-        )
-    return out
-
-
-def _replan(original_path: pathlib.Path, plan: Plan, options: PruneOptions, keep: Callable[[Any], bool]) -> tuple[Analysis, Plan] | None:
-    """Re-plan the snapshot with only the groups ``keep`` accepts (same group ids: the
-    snapshot is the canonical model the plan was made on)."""
-    analysis = analyze(original_path, allow_inexact=options.allow_inexact)
-    ids = {x.id for x in analysis.channels.groups}
-    chosen = {g.id: np.asarray(g.removed) for g in plan.groups if g.removed and keep(g)}
-    if not chosen.keys() <= ids:
-        return None
-    return analysis, build_plan(analysis.model, analysis.channels, chosen)
-
-
-def _exact_part(original_path: pathlib.Path, plan: Plan, options: PruneOptions) -> dict[str, Any] | None:
-    replanned = _replan(original_path, plan, options, lambda g: not g.inexact)
-    if replanned is None or replanned[1].empty:
-        return None
-    quiet = dataclasses.replace(options, verify="full", benchmark=False)
-    oracle = execute_plan(*replanned, quiet, blame=False).report.oracle
-    return {"max_abs_diff": oracle["max_abs_diff"], "passed": oracle["passed"]}
-
-
-def _blame(original_path: pathlib.Path, plan: Plan, options: PruneOptions) -> str | None:
-    """Name the first group whose pruning alone fails the oracle (re-planned on the snapshot)."""
-    quiet = dataclasses.replace(options, verify="full", benchmark=False)
-    for g in plan.groups:
-        if not g.removed:
-            continue
-        replanned = _replan(original_path, plan, options, lambda x, gid=g.id: x.id == gid)
-        if replanned is None:
-            return None
-        try:
-            execute_plan(*replanned, quiet, blame=False)
-        except VerificationError:
-            return g.id
-    return None
-
-
-def _report(analysis, plan, options, before, after, oracle, latency, timer, notes) -> Report:
+def _make_report(s: State) -> Report:
     from spa import __version__
 
-    cands = plan.groups
+    plan, before, after = s.plan, s.analysis.cost.count(), s.cost_after
     layers = []
     for edit in plan.tensors:
         for axis, roles in edit.roles.items():
             if Role.OUT.value in roles:
                 layers.append({"weight": edit.name, "axis": axis, "channels": edit.shape[axis], "kept": len(edit.kept[axis])})
+    cands = plan.groups
+    warnings = list(s.warnings)
+    if not any(g.removed for g in cands):
+        warnings.append(_nothing_pruned(plan))
+    lat = s.latency
     return Report(
-        input=analysis.source,
+        input=s.source_desc,
         output=None,
-        options=options.plan_options() | {"verify": options.verify, **notes},
+        options=s.options.plan_options() | {"verify": s.options.verify, **s.notes},
         params_before=before.params,
         params_after=after.params,
         flops_before=before.flops,
@@ -372,40 +497,29 @@ def _report(analysis, plan, options, before, after, oracle, latency, timer, note
         groups_partial=sum(1 for g in cands if 0 < g.frozen < g.units),
         blocked=[{"group": g.id, "units": g.units, "frozen": g.frozen, "layers": g.layers, "reasons": g.blocked} for g in cands if g.frozen],
         layers=layers,
-        oracle=oracle,
-        latency_ms_before=latency[0],
-        latency_ms_after=latency[1],
-        timings=dict(timer.timings),
+        oracle=s.oracle,
+        latency_ms_before=lat.median_ms[0] if lat else None,
+        latency_ms_after=lat.median_ms[1] if lat else None,
+        latency_p10_p90_ms=[list(x) for x in lat.p10_p90_ms] if lat else None,
+        latency_significant=lat.significant if lat else None,
+        timings={},
         spa_version=__version__,
+        notes=model_notes(s.model) if s.model is not None else [],
+        warnings=warnings,
     )
 
 
-def prune(source: ModelSource, *, timer: Timer | None = None, **kwargs: Any) -> PruneResult:
-    """Prune a model (path, ModelProto or onnx_ir.Model); see :class:`PruneOptions` for kwargs."""
-    options = kwargs.pop("options", None) or PruneOptions(**kwargs)
-    options.validate()
-    timer = timer or Timer()
-    analysis = analyze(source, timer, allow_inexact=options.allow_inexact, input_shapes=options.input_shapes)
-    plan, notes = make_plan(analysis, options, timer)
-    return execute_plan(analysis, plan, options, timer, notes)
-
-
-def plan(source: ModelSource, *, timer: Timer | None = None, **kwargs: Any) -> Plan:
-    """Decide what to prune (analyze → allocate) without surgery; see :class:`PruneOptions`."""
-    options = kwargs.pop("options", None) or PruneOptions(**kwargs)
-    options.validate()
-    analysis = analyze(source, timer, allow_inexact=options.allow_inexact, input_shapes=options.input_shapes)
-    return make_plan(analysis, options, timer)[0]
-
-
-def apply(source: ModelSource, plan: Plan, *, timer: Timer | None = None, **kwargs: Any) -> PruneResult:
-    """Replay ``plan`` on the model it was made for (checked by sha256 when both know it)."""
-    options = kwargs.pop("options", None) or PruneOptions(**{**plan.options, **kwargs})
-    timer = timer or Timer()
-    analysis = analyze(source, timer, allow_inexact=options.allow_inexact, input_shapes=options.input_shapes)
-    if plan.model_sha256 and analysis.sha256 and plan.model_sha256 != analysis.sha256:
-        raise PlanMismatchError(
-            f"the plan was made for a model with sha256 {plan.model_sha256[:12]}…, this one is {analysis.sha256[:12]}…"
-        )
-    return execute_plan(analysis, plan, options, timer)
-
+def _nothing_pruned(plan: Plan) -> str:
+    """Why a run removed nothing, in plain words (the most common reasons first)."""
+    if not plan.groups:
+        return "nothing was pruned: the model has no channel groups (no weights whose output channels could go)"
+    if plan.options.get("ratio", 0) == 0 and plan.options.get("flops_target") is None:
+        return "nothing was pruned: ratio is 0"
+    counts: dict[str, int] = {}
+    for g in plan.groups:
+        for b in g.blocked[:1]:
+            counts[b["code"]] = counts.get(b["code"], 0) + 1
+    if not counts:
+        return "nothing was pruned: every group is at its --min-keep floor for this ratio"
+    top = ", ".join(f"{n} groups frozen by {code}" for code, n in sorted(counts.items(), key=lambda kv: -kv[1])[:3])
+    return f"nothing was pruned: {top} (spa inspect lists the reasons)"

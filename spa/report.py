@@ -38,6 +38,14 @@ class Report:
     latency_ms_after: float | None
     timings: dict[str, float]
     spa_version: str
+    #: p10–p90 of each model's latency (ms): the spread the medians above come with.
+    latency_p10_p90_ms: list[list[float]] | None = None
+    #: Whether the pruned model's latency differs from the input's beyond that spread.
+    latency_significant: bool | None = None
+    #: What passes did that the user should know (opset upgraded, weights that were inputs …).
+    notes: list[str] = dataclasses.field(default_factory=list)
+    #: Things that look wrong for what was asked (nothing pruned, a target not reached …).
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def speedup(self) -> float | None:
@@ -65,7 +73,7 @@ class Report:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Report:
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
 class Timer:

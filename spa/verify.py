@@ -13,8 +13,10 @@ Differences are measured against the scale of each output: ``|p - m| <= atol + r
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
+import pathlib
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -37,6 +39,11 @@ __all__ = [
     "run_oracle",
     "check_model_file",
     "measure_latency",
+    "measure_side_by_side",
+    "Latency",
+    "check_pruned",
+    "prove",
+    "blame",
 ]
 
 logger = logging.getLogger(__name__)
@@ -268,21 +275,147 @@ def check_model_file(path: str | os.PathLike) -> None:
         raise VerificationError(f"the pruned model fails the ONNX checker: {str(e).splitlines()[0]}") from e
 
 
-def measure_latency(
+@dataclasses.dataclass
+class Latency:
+    """Side-by-side latency of models run round-robin: per-model median and p10–p90 (ms),
+    and whether the last model differs from the first beyond the measurement's spread."""
+
+    median_ms: list[float]
+    p10_p90_ms: list[tuple[float, float]]
+    #: p10–p90 of the per-round ratio first/last (>1: the last model is faster).
+    ratio_p10_p90: tuple[float, float]
+
+    @property
+    def significant(self) -> bool:
+        lo, hi = self.ratio_p10_p90
+        return lo > 1.0 or hi < 1.0
+
+
+def measure_side_by_side(
     paths: Sequence[str | os.PathLike], feeds: Mapping[str, np.ndarray], *, budget_s: float = 2.0, min_runs: int = 5, threads: int = 0
-) -> list[float]:
-    """Median latency (ms) of each model, measured side by side: runs interleave round-robin,
-    so machine noise hits every model alike."""
+) -> Latency:
+    """Latency of each model, measured side by side: runs interleave round-robin and the
+    order rotates every round, so machine noise (and the model-after-model slowdown of ORT's
+    thread pools) hits every model alike. Thread spinning is off (see :func:`session`)."""
     sessions = [session(p, threads=threads, pruned=i > 0) for i, p in enumerate(paths)]
     for i, s in enumerate(sessions):  # warm-up, and the first run's errors named properly
         run(s, feeds, pruned=i > 0)
     times: list[list[float]] = [[] for _ in sessions]
     start = time.perf_counter()
     rounds = 0
+    n = len(sessions)
     while rounds < min_runs or (time.perf_counter() - start < budget_s and rounds < 1000):
-        for s, t in zip(sessions, times):
+        for k in range(n):
+            i = (rounds + k) % n
             t0 = time.perf_counter()
-            s.run(None, dict(feeds))
-            t.append((time.perf_counter() - t0) * 1e3)
+            sessions[i].run(None, dict(feeds))
+            times[i].append((time.perf_counter() - t0) * 1e3)
         rounds += 1
-    return [float(np.median(t)) for t in times]
+    arr = [np.asarray(t) for t in times]
+    ratio = arr[0] / arr[-1]
+    return Latency(
+        median_ms=[round(float(np.median(t)), 4) for t in arr],
+        p10_p90_ms=[(round(float(np.percentile(t, 10)), 4), round(float(np.percentile(t, 90)), 4)) for t in arr],
+        ratio_p10_p90=(round(float(np.percentile(ratio, 10)), 4), round(float(np.percentile(ratio, 90)), 4)),
+    )
+
+
+def measure_latency(paths: Sequence[str | os.PathLike], feeds: Mapping[str, np.ndarray], **kw) -> list[float]:
+    """Median latency (ms) of each model, side by side (see :func:`measure_side_by_side`)."""
+    return measure_side_by_side(paths, feeds, **kw).median_ms
+
+
+# ---------------------------------------------------------------------------------------------
+# The verification stage: checker, oracle, and blame — on files, never through the pipeline.
+# ---------------------------------------------------------------------------------------------
+
+
+def check_pruned(original_path: str | os.PathLike, pruned_path: str | os.PathLike) -> str | None:
+    """The ONNX checker on the pruned model. A failure the input model already has (an op the
+    checker calls deprecated but ORT runs, …) is returned as a note, not blamed on pruning."""
+    try:
+        check_model_file(pruned_path)
+        return None
+    except VerificationError as pruned_error:
+        try:
+            check_model_file(original_path)
+        except VerificationError:
+            return f"the input model already fails the ONNX checker ({str(pruned_error).split(': ', 1)[-1]})"
+        raise
+
+
+def oracle_files(original_path: str | os.PathLike, pruned_path: str | os.PathLike, plan: Plan, feeds, masked_path: pathlib.Path) -> OracleResult:
+    """Write the masked reference (the original with every removed consumer slice zeroed)
+    and compare it with the pruned model in ORT."""
+    reference = ir.load(os.fspath(original_path))
+    mask_model(reference, plan)
+    from spa import io  # late: io imports this module's neighbours
+
+    io.save_model(reference, masked_path, durable=False)
+    del reference
+    gc.collect()  # onnx-ir's reference cycles would keep the masked weights alive
+    return run_oracle(masked_path, pruned_path, feeds)
+
+
+def prove(analysis, plan: Plan, original_path: pathlib.Path, pruned_path: pathlib.Path, feeds, scratch) -> dict:
+    """The mask-equivalence oracle over the whole plan, as a report entry.
+
+    ``analysis`` is the (unmutated) analysis of the model at ``original_path``; ``scratch(name)``
+    gives a scratch file path. With inexact groups the whole-model comparison is a report, not
+    a proof, so the exact groups are proven on their own. A failure names the first group
+    that fails alone (each re-planned from ``analysis`` and cut from the original file).
+    """
+    result = oracle_files(original_path, pruned_path, plan, feeds, scratch("masked"))
+    inexact = sorted({g.id for g in plan.groups if g.removed and g.inexact})
+    out = result.to_json() | {"inexact_groups": inexact, "asserted": not inexact}
+    if inexact:
+        part = _prove_part(analysis, plan, lambda g: not g.inexact, original_path, feeds, scratch)
+        out["exact_part"] = None if part is None else {"max_abs_diff": part.max_abs_diff, "passed": part.passed}
+        if part is not None and not part.passed:
+            raise VerificationError(f"mask-equivalence oracle failed in the exact groups: max difference {part.max_abs_diff:.3g}")
+    if not result.passed and not inexact:
+        culprit = blame(analysis, plan, original_path, feeds, scratch)
+        where = f"group {culprit}" if culprit else "the groups together (each alone passes)"
+        raise VerificationError(
+            f"mask-equivalence oracle failed in {where}: max difference {result.max_abs_diff:.3g} "
+            f"(scaled {result.max_scaled_diff:.3g})",
+            group=culprit,
+            max_diff=result.max_abs_diff,
+        )
+    return out
+
+
+def _prove_part(analysis, plan: Plan, keep, original_path: pathlib.Path, feeds, scratch) -> OracleResult | None:
+    """The oracle on the sub-plan of the groups ``keep`` accepts (None: nothing to prove, or
+    the plan's groups are not this analysis's)."""
+    from spa import io
+    from spa.passes.prune import PrunePass
+    from spa.planning import build_plan
+
+    ids = {g.id for g in analysis.channels.groups}
+    chosen = {g.id: np.asarray(g.removed) for g in plan.groups if g.removed and keep(g)}
+    if not chosen or not chosen.keys() <= ids:
+        return None
+    sub = build_plan(analysis.model, analysis.channels, chosen)
+    model = io.load_model(original_path)
+    PrunePass(sub)(model)
+    part_path = scratch("part")
+    io.save_model(model, part_path, durable=False)
+    del model
+    return oracle_files(original_path, part_path, sub, feeds, scratch("part-masked"))
+
+
+def blame(analysis, plan: Plan, original_path: pathlib.Path, feeds, scratch) -> str | None:
+    """The first group whose pruning alone fails the oracle."""
+    for g in plan.groups:
+        if not g.removed:
+            continue
+        try:
+            part = _prove_part(analysis, plan, lambda x, gid=g.id: x.id == gid, original_path, feeds, scratch)
+        except VerificationError:
+            return g.id
+        if part is None:
+            return None
+        if not part.passed:
+            return g.id
+    return None

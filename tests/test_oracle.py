@@ -57,13 +57,11 @@ def _model() -> onnx.ModelProto:
 
 def _plan(proto: onnx.ModelProto, ratio: float = 0.5) -> tuple[Plan, spa.PruneOptions]:
     options = spa.PruneOptions(ratio=ratio, benchmark=False)
-    plan, _ = spa.make_plan(spa.analyze(proto), options)
-    return plan, options
+    return spa.plan(proto, options=options), options
 
 
 def _execute(proto: onnx.ModelProto, plan: Plan, options: spa.PruneOptions) -> spa.PruneResult:
-    # Surgery mutates the analysis's model: each execution gets a fresh one.
-    return spa.execute_plan(spa.analyze(proto), plan, options)
+    return spa.apply(proto, plan, options=options)
 
 
 def _edit(plan: Plan, name: str):
