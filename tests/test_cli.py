@@ -13,6 +13,7 @@ import sys
 
 import onnx
 import pytest
+import click
 from click.testing import CliRunner
 
 from spa.cli import cli
@@ -238,3 +239,115 @@ def test_inspect_lists_groups(demo: pathlib.Path) -> None:
     blocked = [g for g in data["groups"] if g["status"] == "frozen"]
     assert all(g["reasons"] for g in blocked)
     assert {r["code"] for g in blocked for r in g["reasons"]} >= {"graph_io"}
+
+
+# -- nothing half-written: every output is checked before any work ---------------------------
+
+
+def _outputs(tmp_path: pathlib.Path) -> list[pathlib.Path]:
+    return sorted(p for p in tmp_path.rglob("*") if p.is_file() and p.name != "demo.onnx")
+
+
+@pytest.mark.parametrize("where", ["missing folder", "a directory"])
+def test_bad_report_path_is_refused_before_any_work(demo: pathlib.Path, tmp_path: pathlib.Path, where: str) -> None:
+    target = tmp_path / "no" / "r.json" if where == "missing folder" else tmp_path
+    proc = run("prune", str(demo), "-o", str(tmp_path / "o.onnx"), "--report", str(target), "--no-bench")
+    assert_refused(proc)
+    assert _outputs(tmp_path) == []
+
+
+def test_output_that_is_a_directory_is_refused(demo: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    (tmp_path / "d.onnx").mkdir()
+    assert_refused(run("prune", str(demo), "-o", str(tmp_path / "d.onnx")))
+
+
+def test_plan_and_html_outputs_are_checked_first(demo: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    assert_refused(run("plan", str(demo), "-o", str(tmp_path / "no" / "plan.json")))
+    assert_refused(run("plan", str(demo), "-o", str(tmp_path)))
+    assert_refused(run("inspect", str(demo), "--html", str(tmp_path / "no" / "g.html")))
+    assert _outputs(tmp_path) == []
+
+
+def test_a_failing_report_write_leaves_no_model(demo: pathlib.Path, tmp_path: pathlib.Path, monkeypatch) -> None:
+    from spa import io
+    from spa.errors import OutputError
+
+    def fail(path, text):
+        raise OutputError(f"{path}: write failed (disk full)")
+
+    monkeypatch.setattr(io, "write_text_atomic", fail)
+    out = tmp_path / "o.onnx"
+    assert_refused(run("prune", str(demo), "-o", str(out), "--report", str(tmp_path / "r.json"), "--no-bench"))
+    assert _outputs(tmp_path) == []
+
+
+def test_a_failing_model_write_leaves_no_report(demo: pathlib.Path, tmp_path: pathlib.Path, monkeypatch) -> None:
+    from spa import io
+    from spa.errors import OutputError
+
+    def fail(*a, **k):
+        raise OutputError("write failed (disk full)")
+
+    real = io.save_model
+    monkeypatch.setattr(io, "save_model", lambda model, path, **kw: fail() if pathlib.Path(path).name == "o.onnx" else real(model, path, **kw))
+    assert_refused(run("prune", str(demo), "-o", str(tmp_path / "o.onnx"), "--report", str(tmp_path / "r.json"), "--no-bench"))
+    assert _outputs(tmp_path) == []
+
+
+def test_dump_dir(demo: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    dump = tmp_path / "dump"
+    proc = run("prune", str(demo), "-o", str(tmp_path / "o.onnx"), "--dump-dir", str(dump), "--no-bench", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    steps = [p.name.split("-", 1)[1] for p in sorted(dump.glob("*.onnx"))]
+    assert steps[0] == "load.onnx" and steps[-1] == "prune.onnx"  # canonicalize only if it changed something
+    assert_refused(run("prune", str(demo), "--dump-dir", str(tmp_path / "no" / "dump")))
+
+
+# -- the terminal says what it means ---------------------------------------------------------
+
+
+def test_explain_lists_the_steps_and_does_nothing(demo: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    proc = run("prune", str(demo), "-o", str(tmp_path / "o.onnx"), "--explain", "--verify", "none")
+    assert proc.returncode == 0, proc.stderr
+    for step in ("canonicalize", "allocate", "prune", "oracle", "save"):
+        assert step in proc.stdout
+    assert "--verify none" in proc.stdout
+    assert _outputs(tmp_path) == []
+
+
+def test_table_words(demo: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    proc = run("prune", str(demo), "-o", str(tmp_path / "o.onnx"))
+    assert proc.returncode == 0, proc.stderr
+    assert "after/before" in proc.stdout
+    assert "blocked" not in proc.stdout  # one word: frozen
+    assert "frozen" in proc.stdout
+    assert "p10–p90" in proc.stdout
+
+
+def test_nothing_pruned_warns(demo: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    proc = run("prune", str(demo), "--ratio", "0", "-o", str(tmp_path / "o.onnx"), "--no-bench")
+    assert proc.returncode == 0
+    assert "spa: warning: nothing was pruned: ratio is 0" in proc.stderr
+
+
+def test_verbose_after_the_command(demo: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    proc = run_process("prune", str(demo), "-o", str(tmp_path / "o.onnx"), "--no-bench", "-v")
+    assert proc.returncode == 0, proc.stderr
+    assert "INFO" in proc.stderr
+
+
+def test_every_option_has_help_text() -> None:
+    for name, command in cli.commands.items():
+        for param in command.params:
+            if isinstance(param, click.Option):
+                assert param.help, f"spa {name} {param.opts[0]} has no help text"
+
+
+def test_allow_inexact_never_says_exact(zoo_onnx, tmp_path: pathlib.Path) -> None:
+    import re
+
+    path = zoo_onnx("bert")
+    proc = run("prune", str(path), "--allow-inexact", "-o", str(tmp_path / "o.onnx"), "--no-bench")
+    assert proc.returncode == 0, proc.stderr
+    assert "not a proof" in proc.stdout
+    assert not re.search(r"\bexact\b", proc.stdout), proc.stdout
