@@ -178,7 +178,7 @@ def build_plan(
             )
         )
 
-    opset = model.opset_imports.get("", 0)
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))  # "ai.onnx" is the default domain too
     rewrites: list[AttrRewrite | ConstRewrite] = []
     for node in graph.all_nodes():
         if not (cg.node_dims.get(node.name, set()) & kept_by_dim.keys()):
