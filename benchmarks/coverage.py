@@ -39,6 +39,9 @@ branch counts, BatchNorm statistics measured on one random batch; see ``_randomi
 Columns: "oracle max|Δ|" is spa's mask-equivalence difference (pruned vs the original with
 the removed consumer slices zeroed); "Δ vs orig" is how much pruning moved the output
 (max |Δ| / max |output|): near 0 the oracle could not have seen a wrong slice either.
+"executed" is the MACs ratio ONNX Runtime actually executes (``spa.analysis.cost.executed_macs``
+on both files, same default inputs: formulas from the real arrays' shapes, independent of
+the report's cost model), marked ok when the report's ratio is within 2 % (relative) of it.
 Prints a rich table and a summary; ``--out`` writes every row as JSON. Exit status 1 when
 any model is BROKEN in spa.
 """
@@ -417,6 +420,27 @@ def _ort_outputs(path: pathlib.Path, seed: int = 0):
     return [(o.name, list(v.shape), str(v.dtype), v) for o, v in zip(sess.get_outputs(), outs)]
 
 
+MACS_TOLERANCE = 0.02  # relative: the report's MACs ratio vs the executed one
+
+
+def _macs_check(original: pathlib.Path, pruned: pathlib.Path, reported: float | None) -> dict[str, Any]:
+    """The report's MACs ratio against the MACs ONNX Runtime executes (``executed_macs``: every
+    value an output, formulas from the real arrays' shapes) on the same default inputs."""
+    try:
+        import onnx_ir as ir
+
+        from spa.analysis.cost import executed_macs
+        from spa.inputs import make_feeds
+
+        feeds = make_feeds(ir.load(str(original)))
+        before, after = executed_macs(original, feeds), executed_macs(pruned, feeds)
+    except Exception as e:  # noqa: BLE001  (reported, not a spa failure)
+        return {"macs_exec_error": f"{type(e).__name__}: {str(e)[:200]}"}
+    ratio = after / before if before else None
+    ok = None if ratio is None or reported is None else abs(reported - ratio) <= MACS_TOLERANCE * ratio
+    return {"macs_exec_before": before, "macs_exec_after": after, "macs_exec_ratio": ratio, "macs_check": ok}
+
+
 def worker_spa(args) -> int:
     sys.path.insert(0, str(REPO_ROOT))
     import logging
@@ -475,6 +499,7 @@ def worker_spa(args) -> int:
                 res["shapes"] = f"{[s[:3] for s in before]} -> {[s[:3] for s in after]}"
     except Exception as e:  # noqa: BLE001
         res |= {"shapes_ok": False, "shapes": f"pruned model does not run in ORT: {type(e).__name__}: {str(e)[:500]}"}
+    res |= _macs_check(onnx_path, out_path, res.get("macs_ratio"))
     oracle = res["oracle"]
     if res.get("shapes_ok") is False:
         res |= {"status": "BROKEN", "detail": res["shapes"]}
@@ -588,6 +613,14 @@ def _fmt_ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
+def _fmt_exec(s: dict) -> str:
+    """The executed MACs ratio, and whether the report's is within MACS_TOLERANCE of it."""
+    x = s.get("macs_exec_ratio")
+    if x is None:
+        return "-"
+    return f"{x:.3f} " + {True: "ok", False: "[red]DIFF[/]", None: ""}[s.get("macs_check")]
+
+
 def summarize(rows: list[dict], args) -> dict[str, Any]:
     spa_status = collections.Counter(r["spa"]["status"] for r in rows)
     exported = [r for r in rows if r["spa"]["status"] != "export failed"]
@@ -621,6 +654,9 @@ def summarize(rows: list[dict], args) -> dict[str, Any]:
         "weak_oracle": [r["model"] for r in pruned if (r["spa"].get("change_vs_original") or 0.0) < 1e-3],
         "nothing_prunable": [r["model"] for r in rows if r["spa"]["status"] == "nothing prunable"],
         "refused": [r["model"] for r in rows if r["spa"]["status"] == "refused"],
+        # The report's MACs ratio off the executed one by more than MACS_TOLERANCE (relative).
+        "macs_check_failed": [r["model"] for r in exported if r["spa"].get("macs_check") is False],
+        "macs_checked": sum(1 for r in exported if r["spa"].get("macs_check") is not None),
     }
     if not args.no_tp:
         tps = collections.Counter(r.get("tp", {}).get("status", "?") for r in rows)
@@ -639,7 +675,7 @@ def render(rows: list[dict], summary: dict, args, console) -> None:
 
     t = Table(title=f"spa coverage: {len(rows)} timm models, ratio {args.ratio}, opset {OPSET}", show_lines=False)
     for col, just in (("model", "left"), ("fam", "left"), ("in", "right"), ("spa status", "left"), ("groups p/t", "right"),
-                      ("oracle max|Δ|", "right"), ("Δ vs orig", "right"), ("shapes", "center"), ("MACs after/before", "right"), ("params", "right"),
+                      ("oracle max|Δ|", "right"), ("Δ vs orig", "right"), ("shapes", "center"), ("MACs after/before", "right"), ("executed", "right"), ("params", "right"),
                       ("prune s", "right"), ("total s", "right"), ("TP", "left"), ("TP MACs", "right"), ("why / detail", "left")):
         t.add_column(col, justify=just, overflow="fold")
     style = {"pruned": "green", "nothing prunable": "yellow", "refused": "yellow", "BROKEN": "bold red", "export failed": "dim"}
@@ -661,7 +697,7 @@ def render(rows: list[dict], summary: dict, args, console) -> None:
             "-" if od is None else f"{od:.1e}" + ("" if oracle.get("asserted", True) else " (inexact)"),
             "-" if s.get("change_vs_original") is None else f"{s['change_vs_original']:.2f}",
             {True: "ok", False: "[red]DIFF[/]", None: "-"}[s.get("shapes_ok")],
-            macs, _fmt_ratio(s.get("params_ratio")), _fmt_ratio(s.get("prune_s")), _fmt_ratio(s.get("wall_s")),
+            macs, _fmt_exec(s), _fmt_ratio(s.get("params_ratio")), _fmt_ratio(s.get("prune_s")), _fmt_ratio(s.get("wall_s")),
             f"[{tp_style}]{tp_st}[/]" if tp_style else tp_st, _fmt_ratio(tp.get("macs_ratio")), detail[:160],
         )
     console.print(t)
@@ -679,6 +715,8 @@ def render(rows: list[dict], summary: dict, args, console) -> None:
         f"[yellow]pruning hardly changed the output (< 1e-3 relative; a weak oracle test): {', '.join(m['weak_oracle'])}[/]"
         if m["weak_oracle"] else "",
         f"[bold red]spa BROKEN: {', '.join(m['broken'])}[/]" if m["broken"] else "[green]spa BROKEN: none[/]",
+        f"spa: report MACs ratio within {MACS_TOLERANCE:.0%} of the executed one on {m['macs_checked'] - len(m['macs_check_failed'])}"
+        f"/{m['macs_checked']} models" + (f"; [red]off: {', '.join(m['macs_check_failed'])}[/]" if m["macs_check_failed"] else ""),
     ]
     if "tp_status" in m:
         lines.append(f"Torch-Pruning: {m['tp_valid']}/{m['models']} valid; " + ", ".join(f"{k} {v}" for k, v in sorted(m["tp_status"].items()))

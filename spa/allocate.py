@@ -8,11 +8,14 @@ some units of its group never collapses to zero channels) and ``round_to`` (kept
 units; rounding keeps more, never fewer). Frozen units are never chosen.
 
 ``search_ratio`` finds the smallest ratio whose plan meets a FLOPs target (bisection: FLOPs
-only fall as the ratio grows, up to the min-keep floor).
+only fall as the ratio grows, up to the min-keep floor). ``search_target`` does the same and
+says whether the target was met and which figure was reached, so an unreachable target is
+never silent.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 
@@ -21,7 +24,7 @@ import numpy as np
 from spa.analysis.channels import Group
 from spa.errors import UsageError
 
-__all__ = ["ALLOCATIONS", "allocate", "search_ratio"]
+__all__ = ["ALLOCATIONS", "TargetSearch", "allocate", "search_ratio", "search_target"]
 
 ALLOCATIONS = ("uniform", "global")
 
@@ -126,3 +129,54 @@ def search_ratio(flops_at: Callable[[float], float], target: float, *, max_ratio
         else:
             lo = mid
     return hi
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetSearch:
+    """Outcome of :func:`search_target`: the ratio chosen and the figure it reaches."""
+
+    ratio: float
+    reached: float
+    target: float
+
+    @property
+    def met(self) -> bool:
+        return self.reached <= self.target
+
+    def message(self, what: str = "FLOPs") -> str:
+        """One line for an unmet target (a refusal or a warning)."""
+        return (
+            f"the {what} target {self.target:g} is out of reach: pruning every prunable group as far as "
+            f"--min-keep allows (ratio {self.ratio:.3f}) leaves {self.reached:.3f} of the {what}"
+        )
+
+
+def search_target(
+    figure_at: Callable[[float], float], target: float, *, max_ratio: float = 0.99, steps: int = 24
+) -> TargetSearch:
+    """Smallest ratio in [0, max_ratio] whose figure (``figure_at(ratio)``, e.g. FLOPs after /
+    before) is ``<= target``, with the figure it reaches.
+
+    When no ratio meets the target, the result is the smallest ratio that reaches the lowest
+    figure (the min-keep floor: a larger ratio removes nothing more), and ``met`` is False.
+    Bisection assumes ``figure_at`` does not grow with the ratio.
+    """
+    cache: dict[float, float] = {}
+
+    def at(r: float) -> float:
+        if r not in cache:
+            cache[r] = float(figure_at(r))
+        return cache[r]
+
+    if at(0.0) <= target:
+        return TargetSearch(0.0, at(0.0), target)
+    floor = at(max_ratio)
+    goal = target if floor <= target else floor
+    lo, hi = 0.0, max_ratio
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        if at(mid) <= goal:
+            hi = mid
+        else:
+            lo = mid
+    return TargetSearch(hi, at(hi), target)

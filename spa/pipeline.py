@@ -31,7 +31,7 @@ import onnx_ir as ir
 
 from spa import io
 from spa import verify as verify_mod
-from spa.allocate import allocate, search_ratio
+from spa.allocate import allocate, search_target
 from spa.analysis.channels import ChannelGraph, analyze_channels
 from spa.analysis.cost import Cost, CostModel
 from spa.criteria import CriterionInputs, get_criterion, score_groups
@@ -164,7 +164,8 @@ class State:
 
     def cost(self) -> CostModel:
         if "cost" not in self._cache:
-            self._cache["cost"] = CostModel(self.model, dim_values=_dim_values(self.model, self.options.input_shapes))
+            o = self.options  # counted on a copy specialised to the inputs' shapes (executed MACs)
+            self._cache["cost"] = CostModel.for_inputs(self.model, o.input_shapes, seed=o.seed, values=o.input_values)
         return self._cache["cost"]
 
     def scratch(self, name: str) -> pathlib.Path:
@@ -230,8 +231,12 @@ def _allocate(s: State) -> bool:
     ratio = o.ratio
     if o.flops_target is not None:
         cost = s.analysis.cost
+        cost.require_known("--flops-target")
         base = cost.count().flops
-        ratio = search_ratio(lambda r: cost.count(_size_fn(cg, removed_at(r))).flops / max(base, 1), o.flops_target)
+        found = search_target(lambda r: cost.count(_size_fn(cg, removed_at(r))).flops / max(base, 1), o.flops_target)
+        if not found.met:
+            raise UsageError(found.message())
+        ratio = found.ratio
         s.notes["searched_ratio"] = ratio
     s.removed = removed_at(ratio)
     return False
@@ -422,19 +427,6 @@ def apply(source: ModelSource, plan: Plan, *, timer: Timer | None = None, instru
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def _dim_values(model: ir.Model, input_shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
-    """Symbolic input dims named by ``--input-shape`` (batch, sequence …) for FLOP counts."""
-    values: dict[str, int] = {}
-    for v in model.graph.inputs:
-        given = input_shapes.get(v.name)
-        if given is None or v.shape is None or len(given) != len(v.shape):
-            continue
-        for d, n in zip(v.shape.dims, given):
-            if isinstance(d, ir.SymbolicDim) and d.value:
-                values[str(d.value)] = int(n)
-    return values
 
 
 def _weight_reader(model: ir.Model) -> Callable[[str], np.ndarray]:

@@ -14,7 +14,9 @@ import onnx_ir.passes.common as common_passes
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from spa.analysis.cost import Cost, CostModel, count_cost
+from spa.analysis.cost import Cost, CostModel, count_cost, executed_macs
+from spa.errors import UsageError
+from spa.inputs import make_feeds, resolve_input_shapes
 
 torch = pytest.importorskip("torch")
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
@@ -85,6 +87,8 @@ def test_macs_match_torch_flop_counter(case):
     cost = CostModel(model).count()
     assert cost.macs > 0
     assert cost.macs * 2 == _torch_flops(module, x)
+    # The independent ORT-shape count agrees with torch too.
+    assert executed_macs(model, make_feeds(model)) * 2 == _torch_flops(module, x)
     # Conv/Gemm/MatMul flops are exactly 2·MACs (bias adds not counted, like torch).
     assert cost.flops >= 2 * cost.macs
 
@@ -174,15 +178,23 @@ def test_symbolic_batch_counts_as_one_unless_given():
     assert eight.macs == 8 * one.macs
     assert eight.flops == 8 * one.flops
     assert eight.params == one.params
+    # An unresolved symbol is counted as 1 but never passes for a known size.
+    assert CostModel(dynamic).unknown and not CostModel(static).unknown
+    assert CostModel(dynamic, dim_values={"batch": 8}).unknown == []
+    # --input-shape reaches the count through the specialised copy.
+    given = CostModel.for_inputs(dynamic, {"x": [8, 3, 8, 8]})
+    assert given.unknown == [] and given.count() == eight
 
 
 def test_lstm_macs():
     module = torch.nn.LSTM(10, 20, bidirectional=True)
     # Explicit initial states: left out, the exporter makes zero constants (counted as params).
     x = (torch.randn(5, 2, 10), (torch.zeros(2, 2, 20), torch.zeros(2, 2, 20)))
-    cost = CostModel(_export(module, x)).count()
+    model = _export(module, x)
+    cost = CostModel(model).count()
     seq, batch, hidden, inp = 5, 2, module.hidden_size, module.input_size
     assert cost.macs == 2 * seq * batch * 4 * hidden * (inp + hidden)
+    assert executed_macs(model, make_feeds(model)) == cost.macs
     assert cost.params == sum(p.numel() for p in module.parameters())
 
 
@@ -323,7 +335,7 @@ def _resnet_like(blocks: int = 17, width: int = 8) -> onnx.ModelProto:
 def test_count_is_fast_on_resnet_sized_graph():
     model = _ir(_resnet_like())
     assert len(model.graph) >= 170
-    cm = CostModel(model)
+    cm = CostModel(model, dim_values={"batch": 1})
     assert cm.unknown == [] and not cm.uncounted
     # Halve the middle channels of every block, as an allocator's candidate plan would.
     pruned = {(name, axis): 4 for name, axis in cm.refs if ".1." in name or ".2." in name}
@@ -349,6 +361,186 @@ def test_missing_shapes_are_reported_not_guessed(caplog):
     caplog.set_level("INFO", logger="spa.analysis.cost")
     cm = CostModel(ir.from_proto(proto))  # no ShapeInferencePass
     assert "stem.conv" in cm.unknown
-    assert any("no shapes" in r.message for r in caplog.records)
+    assert any("have unknown cost" in r.message for r in caplog.records)
     # The weights are initializers with shapes: params do not need inference.
     assert cm.count().params == CostModel(_ir(proto)).count().params
+
+
+# ---------------------------------------------------------------------------------------
+# Executed MACs (issue 11): counts from shapes actually known, checked against ORT's shapes.
+
+
+def _resnet_nhwc(dims=("batch", "height", "width"), clip: bool = False, blocks: int = 2, width: int = 8) -> onnx.ModelProto:
+    """A ResNet-ish model whose NHWC input goes through a Transpose and a Pad with computed
+    pads (Shape → Slice → Mod/Sub → Concat → Pad: pad H and W up to a multiple of 32).
+    With ``clip``, the pads also pass a Clip, which no shape folding evaluates: only an
+    ONNX Runtime run tells the shapes after the Pad."""
+    rng = np.random.default_rng(0)
+    inits: list[TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+
+    def init(name: str, array) -> str:
+        inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def conv(inp: str, cin: int, cout: int, k: int, tag: str, stride: int = 1, relu: bool = True) -> str:
+        init(f"{tag}.w", (rng.standard_normal((cout, cin, k, k)) * 0.3).astype(np.float32))
+        init(f"{tag}.b", (rng.standard_normal(cout) * 0.1).astype(np.float32))
+        nodes.append(helper.make_node("Conv", [inp, f"{tag}.w", f"{tag}.b"], [f"{tag}.c"], name=f"{tag}.conv", pads=[k // 2] * 4, strides=[stride] * 2))
+        if not relu:
+            return f"{tag}.c"
+        nodes.append(helper.make_node("Relu", [f"{tag}.c"], [f"{tag}.r"], name=f"{tag}.relu"))
+        return f"{tag}.r"
+
+    init("start", np.array([2], np.int64))
+    init("end", np.array([4], np.int64))
+    init("m32", np.array([32], np.int64))
+    init("zeros6", np.zeros(6, np.int64))
+    nodes += [
+        helper.make_node("Transpose", ["x"], ["t"], name="to_nchw", perm=[0, 3, 1, 2]),
+        helper.make_node("Shape", ["t"], ["shp"], name="shape"),
+        helper.make_node("Slice", ["shp", "start", "end"], ["hw"], name="hw"),
+        helper.make_node("Mod", ["hw", "m32"], ["rem"], name="mod1"),
+        helper.make_node("Sub", ["m32", "rem"], ["p0"], name="sub"),
+        helper.make_node("Mod", ["p0", "m32"], ["p1"], name="mod2"),
+    ]
+    last = "p1"
+    if clip:
+        init("lo", np.array(0, np.int64))
+        init("hi", np.array(31, np.int64))
+        nodes.append(helper.make_node("Clip", ["p1", "lo", "hi"], ["p2"], name="clip"))
+        last = "p2"
+    nodes += [
+        helper.make_node("Concat", ["zeros6", last], ["pads"], name="pads", axis=0),
+        helper.make_node("Pad", ["t", "pads"], ["xp"], name="pad"),
+    ]
+    cur = conv("xp", 3, 4 * width, 3, "stem", stride=2)
+    for i in range(blocks):
+        h = conv(cur, 4 * width, width, 1, f"b{i}.1")
+        h = conv(h, width, width, 3, f"b{i}.2")
+        h = conv(h, width, 4 * width, 1, f"b{i}.3", relu=False)
+        nodes.append(helper.make_node("Add", [h, cur], [f"b{i}.add"], name=f"b{i}.add"))
+        nodes.append(helper.make_node("Relu", [f"b{i}.add"], [f"b{i}.out"], name=f"b{i}.out"))
+        cur = f"b{i}.out"
+    init("fc.w", rng.standard_normal((10, 4 * width)).astype(np.float32))
+    init("fc.b", np.zeros(10, np.float32))
+    nodes += [
+        helper.make_node("GlobalAveragePool", [cur], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="flat"),
+        helper.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["y"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "nhwc", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [*dims, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _canonical(proto: onnx.ModelProto) -> ir.Model:
+    from spa.passes.canonicalize import CanonicalizePass
+
+    model = ir.from_proto(proto)
+    CanonicalizePass()(model)
+    return model
+
+
+@pytest.mark.parametrize("clip", [False, True], ids=["foldable-pads", "pads-only-ort-knows"])
+@pytest.mark.parametrize("dims", [("batch", "height", "width"), (1, 72, 88)], ids=["dynamic", "static"])
+def test_costmodel_counts_executed_macs_through_computed_pad(dims, clip):
+    proto = _resnet_nhwc(dims, clip)
+    model = _canonical(proto)
+    cm = CostModel.for_inputs(model)
+    assert cm.unknown == []
+    feeds = make_feeds(model, cm.input_shapes)
+    assert cm.count().macs == executed_macs(proto, feeds)
+    # Without the ORT run, a Clip in the pads leaves the shapes after the Pad unknown:
+    # reported, never guessed.
+    blind = CostModel.for_inputs(model, observe=False)
+    if clip:
+        assert blind.unknown and blind.unknown_ops["Conv"] == 7
+        with pytest.raises(UsageError, match=r"^--flops-target needs .* 18 nodes \(ops: Conv ×7, .*\) have unknown cost"):
+            blind.require_known()
+    else:
+        assert blind.unknown == [] and blind.count() == cm.count()
+    cm.require_known()  # all known: no refusal
+
+
+def test_pruned_costmodel_ratio_matches_executed_ratio():
+    import spa
+
+    proto = _resnet_nhwc(clip=True)
+    result = spa.prune(proto, ratio=0.5, benchmark=False)
+    original = _canonical(proto)
+    feeds = make_feeds(original, resolve_input_shapes(original, {}))
+    executed = executed_macs(result.model, feeds) / executed_macs(proto, feeds)
+    counted = CostModel.for_inputs(result.model).count().macs / CostModel.for_inputs(original).count().macs
+    assert executed < 0.9  # something was pruned
+    assert abs(counted - executed) <= 0.02 * executed
+
+
+def test_report_macs_ratio_is_the_executed_ratio():
+    import spa
+
+    proto = _resnet_nhwc(clip=True)
+    result = spa.prune(proto, ratio=0.5, benchmark=False)
+    original = _canonical(proto)
+    feeds = make_feeds(original, resolve_input_shapes(original, {}))
+    executed = executed_macs(result.model, feeds) / executed_macs(proto, feeds)
+    rep = result.report
+    assert abs(rep.macs_after / rep.macs_before - executed) <= 0.02 * executed
+
+
+def _dynamic_convnet() -> onnx.ModelProto:
+    """A face-detector-like fully dynamic conv net: x is [N, 3, H, W] with N, H, W symbolic."""
+    rng = np.random.default_rng(1)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32), "w1"),
+        numpy_helper.from_array((rng.standard_normal((8, 1, 3, 3)) * 0.3).astype(np.float32), "dw"),
+        numpy_helper.from_array((rng.standard_normal((4, 8, 1, 1)) * 0.3).astype(np.float32), "w2"),
+        numpy_helper.from_array((rng.standard_normal((4, 2, 2, 2)) * 0.3).astype(np.float32), "up"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="c1", pads=[1] * 4, strides=[2, 2]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="r1"),
+        helper.make_node("Conv", ["r1", "dw"], ["c2"], name="dw", pads=[1] * 4, group=8),
+        helper.make_node("Conv", ["c2", "w2"], ["c3"], name="c3"),
+        helper.make_node("ConvTranspose", ["c3", "up"], ["y"], name="up", strides=[2, 2]),
+    ]
+    graph = helper.make_graph(
+        nodes, "dyn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_input_shape_reaches_spatial_dims_of_a_fully_dynamic_model():
+    proto = _dynamic_convnet()
+    model = _canonical(proto)
+    counts = {}
+    for shape in ([1, 3, 64, 64], [2, 3, 160, 96]):
+        cm = CostModel.for_inputs(model, {"x": shape})
+        assert cm.unknown == []
+        counts[tuple(shape)] = cm.count().macs
+        assert counts[tuple(shape)] == executed_macs(proto, make_feeds(model, {"x": shape}))
+    # 2 x (160 x 96) / (64 x 64) = 7.5 times the work
+    assert counts[(2, 3, 160, 96)] == counts[(1, 3, 64, 64)] * 15 // 2
+    # The default (1 on axis 0, 64 elsewhere) is the 1x3x64x64 count.
+    assert CostModel.for_inputs(model).count().macs == counts[(1, 3, 64, 64)]
+    # A dynamic model counted without its sizes is "unknown", not a small number.
+    assert CostModel(model).unknown_ops["Conv"] == 3
+
+
+def test_search_target_reports_unreachable_targets():
+    from spa.allocate import search_target
+
+    # Falls with the ratio until a floor of 0.4 at ratio 0.6 (the min-keep floor).
+    def figure(r: float) -> float:
+        return max(1.0 - r, 0.4)
+
+    ok = search_target(figure, 0.5)
+    assert ok.met and abs(ok.ratio - 0.5) < 1e-4 and ok.reached <= 0.5
+    out = search_target(figure, 0.3)
+    assert not out.met and out.reached == pytest.approx(0.4)
+    assert abs(out.ratio - 0.6) < 1e-4  # the least pruning that reaches the floor, not 0.99
+    assert "out of reach" in out.message() and "0.400" in out.message()
+    assert search_target(figure, 1.0).ratio == 0.0

@@ -56,7 +56,20 @@ counted: ``params`` of a torch export equals ``sum(p.numel() for p in m.paramete
 the BN running statistics (``m.buffers()`` minus ``num_batches_tracked``), like onnx-tool and
 Netron. ``param_bytes`` uses the dtype's bit width (4-bit types pack two per byte).
 
-Symbolic dims (batch, sequence) count as 1 unless ``dim_values`` gives their symbol a value.
+Which sizes are counted: the figures are the *executed* ones only when every dim a formula
+reads is known. Build the model with :meth:`CostModel.for_inputs` (or on
+:func:`spa.inputs.specialize` of the model): a copy whose inputs have the ``--input-shape``
+sizes (defaults for the rest) and whose intermediate shapes are inferred again, with ONNX
+Runtime's shapes where inference cannot tell. A dim that is still symbolic (and not given a
+value by ``dim_values``) or a value without a shape makes its node *unknown*: listed in
+:attr:`CostModel.unknown` / :attr:`CostModel.unknown_ops`, and counted as a lower bound (an
+unresolved dim counts as 1, a missing shape as 0). :meth:`CostModel.require_known` refuses
+(``UsageError``) where a decision such as ``--flops-target`` would rest on such figures.
+
+:func:`executed_macs` is an independent check: it runs the model in ONNX Runtime with every
+value as an output and computes the MACs of Conv/ConvTranspose/Gemm/MatMul/Einsum/LSTM/GRU/RNN
+(and their quantized forms) from the arrays' actual shapes; it shares no formula code with
+:class:`CostModel`.
 """
 
 from __future__ import annotations
@@ -65,11 +78,14 @@ import dataclasses
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
+import numpy as np
 import onnx_ir as ir
 
-__all__ = ["Cost", "CostModel", "SizeFn", "count_cost"]
+from spa.errors import UsageError
+
+__all__ = ["Cost", "CostModel", "SizeFn", "count_cost", "executed_macs", "executed_macs_by_node"]
 
 logger = logging.getLogger(__name__)
 
@@ -202,12 +218,16 @@ class _Compiler:
         self.index: dict[tuple[str, int], int] = {}
         self.refs: list[tuple[str, int]] = []
         self.defaults: list[int] = []
+        self.known: list[bool] = []
 
-    def resolve(self, dim: int | ir.SymbolicDim) -> int:
+    def resolve(self, dim: int | ir.SymbolicDim) -> tuple[int, bool]:
+        """(size, known): a static size, or a symbol ``dim_values`` names; else (1, False)."""
         if isinstance(dim, int):
-            return dim
+            return (dim, True) if dim >= 0 else (1, False)
         name = dim.value
-        return int(self.dim_values.get(name, 1)) if name is not None else 1
+        if name is not None and name in self.dim_values:
+            return int(self.dim_values[name]), True
+        return 1, False
 
     def ref(self, value: ir.Value, axis: int) -> int | None:
         """Index of ``value[axis]``, or None when the value has no shape (or no such axis)."""
@@ -225,7 +245,9 @@ class _Compiler:
             idx = len(self.refs)
             self.index[key] = idx
             self.refs.append(key)
-            self.defaults.append(self.resolve(shape[axis]))
+            size, known = self.resolve(shape[axis])
+            self.defaults.append(size)
+            self.known.append(known)
         return idx
 
     def refs_of(
@@ -412,17 +434,46 @@ class CostModel:
 
     Attributes:
         uncounted: op type → number of nodes counted as 0 because this module does not know
-            the op (e.g. a custom domain).
-        unknown: names of nodes of known op types counted as 0 because shapes were missing
-            (run ``ShapeInferencePass`` first).
+            the op (e.g. a custom domain). A convention, not a gap: see the module docstring.
+        unknown: names of nodes of known op types whose cost could not be computed: a value
+            they read has no shape, or a dim is still symbolic (build with
+            :meth:`for_inputs`). Counted as a lower bound (missing shape 0, unresolved dim 1).
+        unknown_ops: op type → how many of :attr:`unknown` have it.
         refs: every ``(value name, axis)`` a formula reads, i.e. every axis a SizeFn can change.
     """
+
+    @classmethod
+    def for_inputs(
+        cls,
+        model: ir.Model,
+        input_shapes: Mapping[str, Sequence[int]] | None = None,
+        *,
+        seed: int = 0,
+        values: Mapping[str, float] | None = None,
+        observe: bool = True,
+    ) -> CostModel:
+        """The cost model of ``model`` run on ``input_shapes`` (``--input-shape``; defaults for
+        the other inputs): built on :func:`spa.inputs.specialize` of the model, so every shape
+        that inference or one ONNX Runtime run (``observe``) can tell is static.
+
+        Raises UsageError for input shapes that do not fit the model (see
+        :func:`spa.inputs.resolve_input_shapes`).
+        """
+        from spa.inputs import resolve_input_shapes, specialize
+
+        shapes = resolve_input_shapes(model, input_shapes or {})
+        cm = cls(specialize(model, shapes, observe=observe, seed=seed, values=values))
+        cm.input_shapes = shapes
+        return cm
 
     def __init__(self, model: ir.Model | ir.Graph, *, dim_values: Mapping[str, int] | None = None):
         graph = model.graph if isinstance(model, ir.Model) else model
         c = _Compiler(dict(dim_values or {}))
         self.uncounted: Counter[str] = Counter()
         self.unknown: list[str] = []
+        self.unknown_ops: Counter[str] = Counter()
+        #: the concrete input shapes counted (set by :meth:`for_inputs`; None otherwise)
+        self.input_shapes: dict[str, list[int]] | None = None
         node_names: list[str] = []
         node_terms: list[tuple[_Term, ...]] = []
         seen_names: set[str] = set()
@@ -440,16 +491,19 @@ class CostModel:
                 terms = []
             elif terms is None:
                 self.unknown.append(name)
+                self.unknown_ops[node.op_type] += 1
                 logger.debug("cost of %s (%s) unknown: missing shapes", name, node.op_type)
                 terms = []
+            elif any(not c.known[i] for t in terms for i in t[2]):
+                self.unknown.append(name)
+                self.unknown_ops[node.op_type] += 1
+                logger.debug("cost of %s (%s) unknown: symbolic dims", name, node.op_type)
             node_names.append(name)
             node_terms.append(tuple(terms))
         if self.uncounted:
             logger.debug("ops counted as 0 flops (no cost rule): %s", dict(self.uncounted))
         if self.unknown:
-            logger.info(
-                "%d node(s) have no shapes; their cost is counted as 0", len(self.unknown)
-            )
+            logger.info("%s; counted as a lower bound", self.unknown_text())
 
         params: list[tuple[tuple[int, ...], int, int]] = []  # (refs, bitwidth, static elements)
         seen_params: set[int] = set()
@@ -519,6 +573,34 @@ class CostModel:
             if n and not _only_non_weight_uses(out):
                 params.append(((), 32, n))
 
+    # -- what is not known --------------------------------------------------------------
+    def unknown_text(self) -> str:
+        """``"3 nodes (ops: Conv ×2, Relu) have unknown cost"``, or "" when all are known."""
+        if not self.unknown:
+            return ""
+        ops = ", ".join(f"{op} ×{n}" if n > 1 else op for op, n in self.unknown_ops.most_common())
+        n = len(self.unknown)
+        return f"{n} node{'s' if n != 1 else ''} (ops: {ops}) {'have' if n != 1 else 'has'} unknown cost"
+
+    def require_known(self, what: str = "--flops-target") -> None:
+        """Refuse (UsageError, one line) when some node's cost is unknown: ``what`` would be
+        decided on wrong figures."""
+        if self.unknown:
+            raise UsageError(
+                f"{what} needs the cost of every node, but {self.unknown_text()}: shape inference "
+                "cannot tell their shapes and no ONNX Runtime run showed them; prune with --ratio "
+                "instead (or give --input-shape where inputs are dynamic)"
+            )
+
+    def coverage(self) -> dict[str, object]:
+        """JSON-ready account of what the figures leave out (for reports)."""
+        return {
+            "unknown_nodes": len(self.unknown),
+            "unknown_ops": dict(self.unknown_ops),
+            "uncounted_ops": dict(self.uncounted),
+            "input_shapes": self.input_shapes,
+        }
+
     # -- evaluation ----------------------------------------------------------------------
     def sizes(self, size: SizeFn | None = None) -> list[int]:
         """Resolved size of every reference in :attr:`refs` under ``size``."""
@@ -584,3 +666,141 @@ def count_cost(
 ) -> Cost:
     """One-shot ``CostModel(model, dim_values=...).count(size, per_node=...)``."""
     return CostModel(model, dim_values=dim_values).count(size, per_node=per_node)
+
+
+# ---------------------------------------------------------------------------------------
+# The independent check: MACs from the shapes ONNX Runtime actually produces.
+#
+# Deliberately separate from CostModel: it reads an onnx.ModelProto (no onnx_ir, no shape
+# inference, no compiled terms) and expresses every formula per *output element* (or per
+# input element for ConvTranspose, per step for recurrent ops) from the real arrays' shapes,
+# so a wrong dim reference in the compiled formulas cannot hide behind the same mistake here.
+
+# op → input index of the weight (conv-like) / of A (matmul-like)
+_EXEC_CONV_W = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3}
+_EXEC_MATMUL_A = {"MatMul": 0, "MatMulInteger": 0, "QLinearMatMul": 0}
+_EXEC_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+
+
+def _prod(dims: Iterable[int]) -> int:
+    p = 1
+    for d in dims:
+        p *= int(d)
+    return p
+
+
+def _exec_node_macs(node, shape_of: Callable[[str], tuple[int, ...] | None]) -> int | None:
+    """MACs of one executed node from actual shapes (None: not a MAC op, or a shape missing)."""
+    op = node.op_type
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    ins = list(node.input)
+
+    def sh(i: int) -> tuple[int, ...] | None:
+        return shape_of(ins[i]) if i < len(ins) and ins[i] else None
+
+    y = shape_of(node.output[0]) if node.output and node.output[0] else None
+    if op in _EXEC_CONV_W:
+        w = sh(_EXEC_CONV_W[op])
+        # each output element: C/group · prod(kernel) multiply-adds = prod(W[1:])
+        return None if y is None or w is None else _prod(y) * _prod(w[1:])
+    if op == "ConvTranspose":
+        x, w = sh(0), sh(1)
+        # each input element is scattered into M/group · prod(kernel) outputs = prod(W[1:])
+        return None if x is None or w is None else _prod(x) * _prod(w[1:])
+    if op == "Gemm":
+        a = sh(0)
+        if y is None or a is None:
+            return None
+        trans_a = any(at.name == "transA" and at.i for at in node.attribute)
+        k = a[0] if trans_a else a[1]
+        return _prod(y) * int(k)
+    if op in _EXEC_MATMUL_A:
+        a = sh(_EXEC_MATMUL_A[op])
+        if y is None or a is None or len(a) == 0:
+            return None
+        return _prod(y) * int(a[-1])
+    if op == "Einsum":
+        eq = next((at.s.decode() for at in node.attribute if at.name == "equation"), "").replace(" ", "")
+        if "->" not in eq or "..." in eq:
+            return None
+        operands = eq.split("->")[0].split(",")
+        sizes: dict[str, int] = {}
+        for i, term in enumerate(operands):
+            s = sh(i)
+            if s is None or len(s) != len(term):
+                return None
+            sizes.update(zip(term, s))
+        return _prod(sizes.values()) * max(len(operands) - 1, 0)
+    if op in _EXEC_GATES:
+        x, r = sh(0), sh(2)
+        if x is None or r is None:
+            return None
+        layout = any(at.name == "layout" and at.i for at in node.attribute)
+        seq, batch = (x[1], x[0]) if layout else (x[0], x[1])
+        directions, hidden = r[0], r[-1]
+        rows = directions * _EXEC_GATES[op] * hidden  # gate rows of every direction
+        # per step and batch row: one input matvec (rows × input) and one recurrent (rows × hidden)
+        return int(seq) * int(batch) * int(rows) * (int(x[-1]) + int(hidden))
+    return None
+
+
+def executed_macs_by_node(model, feeds: Mapping[str, np.ndarray] | None = None) -> dict[str, int]:
+    """MACs of every top-level Conv/ConvTranspose/Gemm/MatMul/Einsum/LSTM/GRU/RNN node (and
+    ConvInteger/QLinearConv/MatMulInteger/QLinearMatMul) as executed by ONNX Runtime on
+    ``feeds`` (default: ``spa.inputs.make_feeds`` of the model).
+
+    ``model`` is a path, an ``onnx.ModelProto`` or an ``onnx_ir.Model``. The model runs once
+    with every node output made a graph output (graph optimisations off); each formula reads
+    the real arrays' shapes. Nodes inside If/Loop/Scan bodies are not seen (logged).
+    """
+    import os
+    import pathlib
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    if isinstance(model, ir.Model):
+        proto = ir.to_proto(model)
+    elif isinstance(model, onnx.ModelProto):
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model)
+    else:
+        proto = onnx.load(os.fspath(model))
+    g = proto.graph
+    if feeds is None:
+        from spa.inputs import make_feeds
+
+        feeds = make_feeds(ir.from_proto(proto))
+    declared = {o.name for o in g.output}
+    produced = [o for n in g.node for o in n.output if o]
+    g.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(produced) if n not in declared)
+    so = ort.SessionOptions()
+    so.log_severity_level = 4  # a failed run raises; ORT need not print it too
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if proto.ByteSize() < 2**31 - 2**20:
+        sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    else:  # pragma: no cover - a >2 GB model: through a file with external data
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix="spa-exec-"))
+        onnx.save(proto, str(tmp / "m.onnx"), save_as_external_data=True)
+        sess = ort.InferenceSession(str(tmp / "m.onnx"), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    arrays = sess.run(names, dict(feeds))
+    shapes: dict[str, tuple[int, ...]] = {n: tuple(np.shape(a)) for n, a in zip(names, arrays)}
+    del arrays
+    shapes.update({t.name: tuple(t.dims) for t in g.initializer})
+    shapes.update({k: tuple(np.shape(v)) for k, v in feeds.items()})
+    out: dict[str, int] = {}
+    for i, node in enumerate(g.node):
+        if any(at.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for at in node.attribute):
+            logger.info("executed_macs: the body of %s (%s) is not counted", node.name, node.op_type)
+        m = _exec_node_macs(node, shapes.get)
+        if m is not None:
+            out[node.name or f"{node.op_type}_{i}"] = m
+    return out
+
+
+def executed_macs(model, feeds: Mapping[str, np.ndarray] | None = None) -> int:
+    """Total MACs ONNX Runtime executes on ``feeds``; see :func:`executed_macs_by_node`."""
+    return sum(executed_macs_by_node(model, feeds).values())
