@@ -7,7 +7,7 @@ least that fraction of its channels and at least one (a Concat input or a layer 
 some units of its group never collapses to zero channels) and ``round_to`` (kept counts are multiples of N where the group has ≥ N
 units; rounding keeps more, never fewer). Frozen units are never chosen.
 
-``search_ratio`` finds the smallest ratio whose plan meets a FLOPs target (bisection: FLOPs
+``search_target`` finds the smallest ratio whose plan meets a FLOPs target (bisection: FLOPs
 only fall as the ratio grows, up to the min-keep floor). ``search_target`` does the same and
 says whether the target was met and which figure was reached, so an unreachable target is
 never silent.
@@ -24,7 +24,7 @@ import numpy as np
 from spa.analysis.channels import Group
 from spa.errors import UsageError
 
-__all__ = ["ALLOCATIONS", "TargetSearch", "allocate", "search_ratio", "search_target"]
+__all__ = ["ALLOCATIONS", "TargetSearch", "allocate", "search_target"]
 
 ALLOCATIONS = ("uniform", "global")
 
@@ -113,22 +113,6 @@ def allocate(
         if b.removed:
             removed[g.id] = np.sort(np.asarray(b.removed, dtype=np.int64))
     return removed
-
-
-def search_ratio(flops_at: Callable[[float], float], target: float, *, max_ratio: float = 0.99, steps: int = 24) -> float:
-    """Smallest ratio in [0, max_ratio] with ``flops_at(ratio) <= target`` (or max_ratio)."""
-    if flops_at(0.0) <= target:
-        return 0.0
-    lo, hi = 0.0, max_ratio
-    if flops_at(hi) > target:
-        return hi
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        if flops_at(mid) <= target:
-            hi = mid
-        else:
-            lo = mid
-    return hi
 
 
 @dataclasses.dataclass(frozen=True)
