@@ -116,6 +116,7 @@ _plan_options = _options_decorator(
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random criterion and of the verification inputs."),
         _input_options,
         click.option("--allow-inexact", is_flag=True, help="Also prune channels that LayerNorm/RMSNorm mix (a transformer's hidden size). Not exact: the report says which groups."),
+        click.option("--keep-weight-inputs", is_flag=True, help="Keep initializers that are also graph inputs (old IR<4 files) as overridable inputs; their channels stay frozen."),
     ]
 )
 

@@ -48,6 +48,7 @@ import onnx
 import onnx_ir as ir
 
 from spa.errors import InvalidModelError, OutputError, UnsupportedError
+from spa.passes import upgrade_opset
 
 __all__ = [
     "SUPPORTED_OPSETS",
@@ -89,6 +90,11 @@ def load_model(source: str | os.PathLike[str] | onnx.ModelProto | ir.Model) -> i
     ``ir.from_proto``. An ``ir.Model`` is validated and returned as is, not copied: it is the
     caller's object, and spa's pipeline clones before it mutates anything.
 
+    A default-domain opset in ``upgrade_opset.UPGRADABLE_OPSETS`` (7..10) is upgraded to
+    ``upgrade_opset.TARGET_OPSET`` with onnx's version converter; the returned model is then
+    a new object (also for an ``ir.Model``) whose ``meta["spa.upgraded_from"]`` holds the old
+    opset.
+
     Raises:
         InvalidModelError: the input is not a loadable ONNX model (one-line message naming
             the path).
@@ -96,15 +102,15 @@ def load_model(source: str | os.PathLike[str] | onnx.ModelProto | ir.Model) -> i
             ``SUPPORTED_OPSETS``, node in an unknown domain).
     """
     if isinstance(source, ir.Model):
-        check_model_structure(source, where="model")
-        return source
+        check_model_structure(source, where="model", allow_upgrade=True)
+        return _upgraded(source, "model")
     if isinstance(source, onnx.ModelProto):
         try:
             model = ir.from_proto(source)
         except Exception as exc:  # foreign input: any failure to convert means "invalid"
             raise InvalidModelError(f"ModelProto: cannot convert ({_one_line(exc)})") from exc
-        check_model_structure(model, where="ModelProto")
-        return model
+        check_model_structure(model, where="ModelProto", allow_upgrade=True)
+        return _upgraded(model, "ModelProto")
     if isinstance(source, (str, os.PathLike)):
         return _load_path(os.fspath(source))
     raise InvalidModelError(
@@ -129,9 +135,20 @@ def _load_path(path: str) -> ir.Model:
         raise InvalidModelError(
             f"{path}: not a valid ONNX model (protobuf parse failed: {_one_line(exc)})"
         ) from exc
-    check_model_structure(model, where=path)
+    check_model_structure(model, where=path, allow_upgrade=True)
+    model = _upgraded(model, path)
     logger.debug("loaded %s: %d nodes, %d initializers", path, len(model.graph),
                  len(model.graph.initializers))
+    return model
+
+
+def _upgraded(model: ir.Model, where: str) -> ir.Model:
+    """``model`` at a supported opset: itself, or upgraded from opset 7..10 (then re-checked)."""
+    version = _default_opset(dict(model.opset_imports))
+    if version is None or version in SUPPORTED_OPSETS:
+        return model
+    model = upgrade_opset.upgrade(model, where=where)
+    check_model_structure(model, where=where)
     return model
 
 
@@ -166,7 +183,7 @@ def _file_kind(mode: int) -> str:
     return "not a plain file"
 
 
-def check_model_structure(model: ir.Model, *, where: str = "model") -> None:
+def check_model_structure(model: ir.Model, *, where: str = "model", allow_upgrade: bool = False) -> None:
     """Refuse a model that is empty, truncated, or outside what spa supports.
 
     Cheap on purpose (no second parse, no weight reads): it is what catches a truncated
@@ -175,8 +192,9 @@ def check_model_structure(model: ir.Model, *, where: str = "model") -> None:
     Raises:
         InvalidModelError: no graph / empty graph, a used domain without an opset import,
             an external data file that is missing, escapes the model folder or is too short.
-        UnsupportedError: default-domain opset outside ``SUPPORTED_OPSETS`` or a node in an
-            unknown domain.
+        UnsupportedError: default-domain opset outside ``SUPPORTED_OPSETS`` (and, with
+            ``allow_upgrade``, outside ``upgrade_opset.UPGRADABLE_OPSETS``: the caller
+            upgrades those) or a node in an unknown domain.
     """
     graph = model.graph
     if graph is None or (len(graph) == 0 and len(graph.outputs) == 0):
@@ -201,10 +219,14 @@ def check_model_structure(model: ir.Model, *, where: str = "model") -> None:
         elif domain not in opsets and domain not in function_domains:
             raise InvalidModelError(f"{where}: nodes use domain {domain!r} but the model has "
                                     "no opset_import for it (truncated file?)")
-    if default_version is not None and default_version not in SUPPORTED_OPSETS:
+    upgradable = upgrade_opset.UPGRADABLE_OPSETS
+    if default_version is not None and default_version not in SUPPORTED_OPSETS and not (
+        allow_upgrade and default_version in upgradable
+    ):
         raise UnsupportedError(
             f"{where}: default-domain opset {default_version} is not supported "
-            f"(supported: {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1})")
+            f"(supported: {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}; "
+            f"{upgradable.start}..{upgradable.stop - 1} are upgraded when loaded)")
 
     _check_tensors(model, where)
 

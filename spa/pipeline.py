@@ -208,7 +208,7 @@ def _load(s: State) -> bool:
 
 
 def _canonicalize(s: State) -> bool:
-    return CanonicalizePass()(s.model).modified
+    return CanonicalizePass(keep_weight_inputs=s.options.keep_weight_inputs)(s.model).modified
 
 
 def _analyze(s: State) -> bool:
@@ -496,7 +496,7 @@ def _make_report(s: State) -> Report:
         latency_significant=lat.significant if lat else None,
         timings={},
         spa_version=__version__,
-        notes=model_notes(s.model) if s.model is not None else [],
+        notes=model_notes(s.analysis.model),  # meta is not saved: the snapshot's copy has none
         warnings=warnings,
     )
 

@@ -4,16 +4,22 @@
 - every Constant node becomes an initializer of its own graph (PaddlePaddle and torch
   exports keep weights and shape constants in Constant nodes; rules read constants from
   initializers only). Bodies keep theirs: ONNX needs them there to shape the body;
+- initializers that are also graph inputs (the IR<4 convention) are treated as weights and
+  removed from the inputs (``WeightInputsPass``; ``keep_weight_inputs`` keeps them);
 - nodes get unique non-empty names (plans and reports address nodes by name);
 - nodes are sorted topologically (the channel analysis walks in order);
 - shapes are inferred, so every rule can ask for static sizes;
+- constant-only subgraphs that compute tensors (``ConstantOfShape`` weights of the classic
+  zoo, ``Constant → Reshape`` chains) are folded into initializers named like the value they
+  replace (``FoldConstantsPass``, bounded in size);
 - shape arithmetic over static sizes is folded into constants (``FoldShapesPass``), so a
   ``view(x.size(0), -1)`` or a torch RNN's zero state is a proven Reshape/Expand; nodes and
   initializers nothing reads are dropped.
 
-Tensors are never copied or changed: only where they live (Constant → initializer). The pass
-does not touch graph inputs, outputs or initializer names, so plans keep pointing at the input
-model's tensors.
+Existing tensors are never copied or changed: only where they live (Constant → initializer).
+The pass does not touch graph outputs or initializer names (graph inputs only as said above),
+and folded tensors take the name the input model gives them, so plans keep pointing at the
+input model's tensors.
 """
 
 from __future__ import annotations
@@ -25,8 +31,10 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
+from spa.passes.fold_constants import FoldConstantsPass
 from spa.passes.fold_shapes import FoldShapesPass
 from spa.passes.resolve_reshapes import ResolveReshapesPass
+from spa.passes.weight_inputs import WeightInputsPass
 
 __all__ = ["CanonicalizePass"]
 
@@ -34,19 +42,30 @@ logger = logging.getLogger(__name__)
 
 
 class CanonicalizePass(ir.passes.InPlacePass):
-    """Inline, lift constants, name, sort and infer shapes (see module docstring)."""
+    """Inline, lift constants, name, sort and infer shapes (see module docstring).
+
+    Args:
+        keep_weight_inputs: keep initializers that are also graph inputs as inputs
+            (``--keep-weight-inputs``); their weights' channels are then frozen.
+    """
+
+    def __init__(self, keep_weight_inputs: bool = False) -> None:
+        super().__init__()
+        self.keep_weight_inputs = keep_weight_inputs
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
         for p in (
             common.InlinePass(),
             common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+            WeightInputsPass(keep=self.keep_weight_inputs),
             common.NameFixPass(),
             common.TopologicalSortPass(),
         ):
             modified |= p(model).modified
         infer_shapes(model)
-        if FoldShapesPass()(model).modified:
+        folded = FoldConstantsPass()(model).modified
+        if FoldShapesPass()(model).modified or folded:
             modified = True
             infer_shapes(model)
         modified |= common.RemoveUnusedNodesPass()(model).modified

@@ -25,7 +25,7 @@ import onnx
 import onnx.reference
 import onnx_ir as ir
 
-__all__ = ["FoldShapesPass"]
+__all__ = ["FoldShapesPass", "evaluate_node"]
 
 logger = logging.getLogger(__name__)
 
@@ -127,20 +127,26 @@ class FoldShapesPass(ir.passes.InPlacePass):
 
     @staticmethod
     def _evaluate(node: ir.Node, inputs: list[np.ndarray | None], opset: int) -> np.ndarray | None:
-        names = [f"i{k}" if a is not None else "" for k, a in enumerate(inputs)]
-        proto = ir.serde.serialize_node(node)
-        del proto.input[:]
-        proto.input.extend(names)
-        del proto.output[:]
-        proto.output.append("y")
-        feeds = {n: a for n, a in zip(names, inputs) if n}
-        graph = onnx.helper.make_graph(
-            [proto],
-            "fold",
-            [onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(a.dtype), a.shape) for n, a in feeds.items()],
-            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.UNDEFINED, None)],
-        )
-        model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
-        (y,) = onnx.reference.ReferenceEvaluator(model).run(None, feeds)
-        y = np.asarray(y)
+        y = evaluate_node(node, inputs, opset)
         return y if y.size <= MAX_ELEMENTS else None
+
+
+def evaluate_node(node: ir.Node, inputs: list[np.ndarray | None], opset: int) -> np.ndarray:
+    """The first output of ``node`` on constant ``inputs`` (``None`` for an absent optional
+    input), evaluated by ``onnx.reference`` on a one-node model; raises where it cannot."""
+    names = [f"i{k}" if a is not None else "" for k, a in enumerate(inputs)]
+    proto = ir.serde.serialize_node(node)
+    del proto.input[:]
+    proto.input.extend(names)
+    del proto.output[:]
+    proto.output.append("y")
+    feeds = {n: a for n, a in zip(names, inputs) if n}
+    graph = onnx.helper.make_graph(
+        [proto],
+        "fold",
+        [onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(a.dtype), a.shape) for n, a in feeds.items()],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.UNDEFINED, None)],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    (y,) = onnx.reference.ReferenceEvaluator(model).run(None, feeds)
+    return np.asarray(y)
