@@ -14,6 +14,7 @@ from spa import rules as _rules  # noqa: F401  (registers every channel rule)
 from spa.errors import (
     InvalidModelError,
     OutputError,
+    PlanError,
     PlanMismatchError,
     SpaError,
     UnsupportedError,
@@ -49,4 +50,5 @@ __all__ = [
     "OutputError",
     "VerificationError",
     "PlanMismatchError",
+    "PlanError",
 ]

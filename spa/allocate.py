@@ -4,13 +4,17 @@
 - ``global``: one threshold over the normalised scores of all groups; ``ratio`` of all units go.
 Both respect ``min_keep`` in every *dim* of a group, not just in the group: each layer keeps at
 least that fraction of its channels and at least one (a Concat input or a layer that owns only
-some units of its group never collapses to zero channels) and ``round_to`` (kept counts are multiples of N where the group has ≥ N
-units; rounding keeps more, never fewer). Frozen units are never chosen.
+some units of its group never collapses to zero channels). ``round_to`` N holds for every
+layer too: the kept count of every weight OUT dim with ≥ N channels (each conv/linear's
+output channels, also when several layers share one group, as the inputs of a Concat do) is
+a multiple of N, or the dim is left whole; a group none of whose OUT dims has N channels
+rounds its kept unit count instead (when it has ≥ N units). Rounding keeps more, never fewer: it gives removed units back, highest-scored first,
+until every such count is rounded (a unit shared by several dims counts in each). Frozen units
+are never chosen.
 
 ``search_target`` finds the smallest ratio whose plan meets a FLOPs target (bisection: FLOPs
-only fall as the ratio grows, up to the min-keep floor). ``search_target`` does the same and
-says whether the target was met and which figure was reached, so an unreachable target is
-never silent.
+only fall as the ratio grows, up to the min-keep floor), and says whether the target was met
+and which figure was reached, so an unreachable target is never silent.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import numpy as np
 
 from spa.analysis.channels import Group
 from spa.errors import UsageError
+from spa.rules.base import Role
 
 __all__ = ["ALLOCATIONS", "TargetSearch", "allocate", "search_target"]
 
@@ -63,12 +68,36 @@ def _order(group: Group, scores: np.ndarray) -> np.ndarray:
 
 
 def _round(budget: _Budget, scores: np.ndarray, round_to: int) -> None:
-    """Give units back (highest-scored first) until the kept count is a multiple of round_to."""
-    n_units = budget.group.n_units
-    if round_to <= 1 or n_units < round_to:
+    """Give units back (highest-scored first) until every rounded count is a multiple of round_to.
+
+    Rounded counts: the kept channels of each OUT dim with ≥ round_to channels or, when the
+    group has no such dim, its kept units (if it has ≥ round_to). Not both: layers of 32 and 4
+    channels behind one Concat keep 24 and 4, whose sum is no multiple of 8. A count that is
+    whole (nothing removed from it) needs no rounding, so the loop ends at the latest when
+    every unit is back.
+    """
+    if round_to <= 1 or not budget.removed:
         return
-    while budget.removed and (n_units - len(budget.removed)) % round_to:
-        budget.restore(max(budget.removed, key=lambda u: (scores[u], u)))
+    group = budget.group
+    rows = [i for i, d in enumerate(group.dims) if Role.OUT in group.roles.get(d, ()) and budget.counts[i].sum() >= round_to]
+    counts = budget.counts[rows]  # [dims, units]: channels of each rounded dim per unit
+    if not rows and group.n_units >= round_to:
+        counts = np.vstack([counts, np.ones((1, group.n_units), dtype=counts.dtype)])
+    if not len(counts):
+        return
+    sizes = counts.sum(axis=1)
+    removed = np.zeros(group.n_units, dtype=bool)
+    removed[budget.removed] = True
+    while removed.any():
+        kept = sizes - counts[:, removed].sum(axis=1)
+        bad = np.flatnonzero((kept % round_to != 0) & (kept != sizes))
+        if not bad.size:
+            return
+        # Units that would move the first unrounded count; give back the highest-scored one.
+        candidates = np.flatnonzero(removed & (counts[bad[0]] > 0))
+        unit = int(max(candidates, key=lambda u: (scores[u], u)))
+        budget.restore(unit)
+        removed[unit] = False
 
 
 def allocate(

@@ -14,6 +14,7 @@ __all__ = [
     "OutputError",
     "VerificationError",
     "PlanMismatchError",
+    "PlanError",
 ]
 
 
@@ -51,3 +52,8 @@ class VerificationError(SpaError):
 
 class PlanMismatchError(SpaError):
     """A plan was replayed on a model it was not made for (sha256 or structure differ)."""
+
+
+class PlanError(UsageError):
+    """A plan document that is not a valid spa plan (a missing key, a wrong type, an unknown
+    or out-of-range option, an unsupported version). The message names the field."""

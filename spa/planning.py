@@ -12,18 +12,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Mapping
+import os
+import pathlib
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
-from spa.analysis.channels import ChannelGraph, Group, is_constant
-from spa.rules import base as rules_base
-from spa.rules.base import AttrRewrite, ConstRewrite, Dim, RewriteContext
-from spa.graph import all_initializers
+from spa.analysis.channels import ChannelGraph, Group
+from spa.errors import PlanError
+from spa.graph import all_initializers, default_opset, is_constant
+from spa.plan_schema import PLAN_OPTION_KEYS, PLAN_OPTIONS, check_plan_document
+from spa.rules.base import AttrRewrite, ChannelRule, ConstRewrite, Dim, RewriteContext, Role
+from spa.rules.registry import get_rule, resolve_rules
 
-__all__ = ["PLAN_VERSION", "TensorEdit", "GroupPlan", "Plan", "build_plan"]
+__all__ = ["PLAN_VERSION", "PLAN_OPTIONS", "PLAN_OPTION_KEYS", "TensorEdit", "GroupPlan", "Plan", "build_plan"]
 
 logger = logging.getLogger(__name__)
 
@@ -109,9 +113,47 @@ class Plan:
         return json.dumps(self.to_json(), indent=1, sort_keys=False)
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> Plan:
-        if d.get("version") != PLAN_VERSION:
-            raise ValueError(f"plan version {d.get('version')!r} is not supported (expected {PLAN_VERSION})")
+    def loads(cls, text: str, *, source: str | None = None) -> Plan:
+        """Parse a plan from JSON text (PlanError when it is not JSON or not a valid plan)."""
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            where = f"plan '{source}'" if source else "the plan"
+            raise PlanError(f"{where} is not JSON: {e}") from e
+        return cls.from_json(data, source=source)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Plan:
+        """Read a plan file (PlanError when it is missing, unreadable, not JSON or not a plan)."""
+        p = pathlib.Path(path)
+        if not p.is_file():
+            raise PlanError(f"plan '{path}' is not a file")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise PlanError(f"plan '{path}' cannot be read: {e}") from e
+        return cls.loads(text, source=str(path))
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], *, source: str | None = None) -> Plan:
+        """Read a plan document, checking every field (``spa.plan_schema``).
+
+        A document that is not a valid plan raises :class:`~spa.errors.PlanError` naming the
+        field ("groups[3].removed is missing"); with ``source`` (a file name) the message
+        starts "plan 'p.json': ".
+        """
+        try:
+            if not isinstance(d, Mapping):
+                raise PlanError(f"the plan must be a JSON object, got {type(d).__name__}")
+            if "version" not in d:
+                raise PlanError("version is missing")
+            if d["version"] != PLAN_VERSION:
+                raise PlanError(f"version {d['version']!r} is not supported (expected {PLAN_VERSION})")
+            check_plan_document(d)
+        except PlanError as e:
+            if source is None:
+                raise
+            raise PlanError(f"plan '{source}': {e}") from e
         rewrites: list[AttrRewrite | ConstRewrite] = []
         for r in d["rewrites"]:
             if r["kind"] == "attribute":
@@ -130,7 +172,7 @@ class Plan:
 
 def _layers(group: Group) -> list[str]:
     """Names of the weights whose output channels this group owns (the "layers" of a report)."""
-    return sorted({d.value for d in group.weight_dims(rules_base.Role.OUT)})
+    return sorted({d.value for d in group.weight_dims(Role.OUT)})
 
 
 def build_plan(
@@ -141,8 +183,14 @@ def build_plan(
     scores: Mapping[str, np.ndarray] | None = None,
     options: Mapping[str, Any] | None = None,
     model_sha256: str | None = None,
+    rules: Mapping[Any, ChannelRule] | Iterable[ChannelRule] | None = None,
 ) -> Plan:
-    """Turn "group → removed units" into tensor slices and rule rewrites (no mutation)."""
+    """Turn "group → removed units" into tensor slices and rule rewrites (no mutation).
+
+    The rewrites come from the same rules the analysis ran: ``rules`` (per-call rules, as
+    for ``analyze_channels``) when given, else those ``cg`` remembers, then the registry.
+    """
+    overlay = cg.rules if rules is None else resolve_rules(rules)
     by_id = {g.id: g for g in cg.groups}
     kept_by_dim: dict[Dim, np.ndarray] = {}
     for gid, units in removed.items():
@@ -178,16 +226,17 @@ def build_plan(
             )
         )
 
-    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))  # "ai.onnx" is the default domain too
+    opset = default_opset(model)  # either spelling of the default domain ("" or "ai.onnx")
     rewrites: list[AttrRewrite | ConstRewrite] = []
     for node in graph.all_nodes():
         if not (cg.node_dims.get(node.name, set()) & kept_by_dim.keys()):
             continue
-        rule = rules_base.get_rule(node.domain, node.op_type)
-        if rule is None:
+        rule = get_rule(node.domain, node.op_type, overlay)
+        rewrite = getattr(rule, "rewrite", None)
+        if rewrite is None:
             continue
         rctx = RewriteContext(node, kept_by_dim.get, opset)
-        rule.rewrite(node, rctx)
+        rewrite(node, rctx)
         rewrites.extend(rctx.rewrites)
 
     groups = []

@@ -28,6 +28,7 @@ import onnx_ir as ir
 from spa.errors import UnsupportedError, UsageError, VerificationError
 from spa.planning import Plan
 from spa.graph import all_initializers
+from spa.rules.quantize import weight_zero_point
 
 __all__ = [
     "OracleResult",
@@ -181,27 +182,15 @@ def _masked(array: np.ndarray, edit, zero: tuple[np.ndarray, int] | None = None)
     return out
 
 
-# (op, input index of the quantized weight) → (input index of its zero point, zero point axis)
-_ZERO_POINT_OF = {
-    ("DequantizeLinear", 0): (2, None),
-    ("QLinearConv", 3): (5, 0),
-    ("ConvInteger", 1): (3, 0),
-    ("QLinearMatMul", 3): (5, -1),
-    ("MatMulInteger", 1): (3, -1),
-}
-
-
 def _zero_point(value: ir.Value) -> tuple[np.ndarray, int] | None:
     for node, index in value.uses():
-        spec = _ZERO_POINT_OF.get((node.op_type, index))
+        spec = weight_zero_point(node, index)  # the per-op table lives with the quantize rules
         if spec is None:
             continue
         zp_index, axis = spec
         zp = node.inputs[zp_index] if zp_index < len(node.inputs) else None
         if zp is None or zp.const_value is None:
             return None
-        if axis is None:
-            axis = int(node.attributes["axis"].value) if "axis" in node.attributes else 1
         rank = len(value.shape)
         return zp.const_value.numpy(), axis % rank
     return None

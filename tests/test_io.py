@@ -363,12 +363,29 @@ def test_unwritable_targets(model_path: pathlib.Path, tmp_path: pathlib.Path) ->
         save_model(model, model_path / "out.onnx")
     with pytest.raises(OutputError, match="directory"):
         save_model(model, tmp_path)
+
+
+def test_unwritable_folder(model_path: pathlib.Path, tmp_path: pathlib.Path) -> None:
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    if os.access(locked, os.W_OK):  # root ignores the mode
-        return
+    if os.access(locked, os.W_OK):
+        pytest.skip("this user writes into a mode-0500 folder (root ignores the mode)")
     with pytest.raises(OutputError, match="not writable"):
-        save_model(model, locked / "out.onnx")
+        save_model(load_model(model_path), locked / "out.onnx")
+    assert not any(locked.iterdir())
+
+
+def test_unwritable_folder_is_refused_before_writing(
+    model_path: pathlib.Path, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same refusal for every user (root included): the folder's access check says no."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if pathlib.Path(p) == locked else real_access(p, mode, **kw))
+    with pytest.raises(OutputError, match="not writable"):
+        save_model(load_model(model_path), locked / "out.onnx")
+    assert not any(locked.iterdir())
 
 
 def test_deterministic_bytes(model_path: pathlib.Path, ext_model_path: pathlib.Path,

@@ -88,8 +88,10 @@ def test_plan_json_round_trip_replays_exactly():
     proto = _model()
     plan, options = _plan(proto)
     replay = Plan.from_json(plan.to_json())
+    assert replay.to_json() == plan.to_json() and not replay.empty
     res = _execute(proto, replay, options)
-    assert res.report.oracle["passed"]
+    assert res.report.oracle["passed"] and res.report.oracle["asserted"]
+    assert res.report.groups_pruned >= 1  # an empty replay would pass the oracle trivially
 
 
 @pytest.mark.parametrize("name, axis", [("w2", 1), ("w1", 0), ("bd", 0), ("var", 0)], ids=["consumer-in", "producer-out", "depthwise-bias", "bn-param"])

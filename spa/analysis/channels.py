@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import networkx as nx
 import numpy as np
@@ -24,18 +26,13 @@ import onnx_ir as ir
 import scipy.sparse
 import scipy.sparse.csgraph
 
-from spa.rules import base as rules_base
-from spa.rules.base import Blocked, BlockCode, CouplingContext, Dim, Role, Tie
-from spa.graph import all_initializers
+from spa.graph import all_initializers, default_opset, is_constant, subgraphs
+from spa.rules.base import Blocked, BlockCode, ChannelRule, CouplingContext, Dim, Role, Tie
+from spa.rules.registry import RuleKey, get_rule, resolve_rules
 
-__all__ = ["Group", "ChannelGraph", "analyze_channels", "is_constant"]
+__all__ = ["Group", "ChannelGraph", "analyze_channels", "is_constant"]  # is_constant: re-exported from spa.graph
 
 logger = logging.getLogger(__name__)
-
-
-def is_constant(value: ir.Value) -> bool:
-    """A tensor whose content is fixed: an initializer that no caller can override."""
-    return value.is_initializer() and not value.is_graph_input() and value.const_value is not None
 
 
 @dataclasses.dataclass
@@ -84,9 +81,16 @@ class ChannelGraph:
     dim_size: dict[Dim, int]
     node_dims: dict[str, set[Dim]]
     graph: nx.Graph  # dims as nodes, an edge per tie (attribute ``nodes``: which ops tied them)
+    #: The per-call rules the analysis ran with (``analyze_channels(rules=...)``), normalised;
+    #: later readers of the rules (``build_plan``, consumers) look up through :meth:`rule`.
+    rules: dict[RuleKey, ChannelRule] = dataclasses.field(default_factory=dict)
 
     def group_of(self, dim: Dim) -> Group | None:
         return self._by_dim.get(dim)
+
+    def rule(self, node: ir.Node) -> ChannelRule | None:
+        """The rule the analysis used for ``node``: a per-call rule first, then the registry."""
+        return get_rule(node.domain, node.op_type, self.rules)
 
     def __post_init__(self) -> None:
         self._by_dim = {d: g for g in self.groups for d in g.dims}
@@ -96,19 +100,12 @@ class ChannelGraph:
         """Groups that are channels (have a weighted source), prunable or blocked."""
         return [g for g in self.groups if g.has_source]
 
+    def consumers(self, model: ir.Model, group: Group | str) -> list:
+        """The nodes that read ``group``'s channels through a weight, as
+        ``spa.analysis.consumers.Consumer`` records (``model``: the analysed model)."""
+        from spa.analysis.consumers import consumers_of
 
-def _opset(model: ir.Model) -> int:
-    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
-
-
-def _subgraphs(node: ir.Node) -> list[ir.Graph]:
-    graphs = []
-    for attr in node.attributes.values():
-        if attr.type == ir.AttributeType.GRAPH:
-            graphs.append(attr.as_graph())
-        elif attr.type == ir.AttributeType.GRAPHS:
-            graphs.extend(attr.as_graphs())
-    return graphs
+        return consumers_of(model, group, self)
 
 
 def _static_rank_dims(value: ir.Value) -> list[int]:
@@ -117,15 +114,25 @@ def _static_rank_dims(value: ir.Value) -> list[int]:
     return [i for i, d in enumerate(value.shape) if isinstance(d, int)]
 
 
-def analyze_channels(model: ir.Model, *, allow_inexact: bool = False) -> ChannelGraph:
+def analyze_channels(
+    model: ir.Model,
+    *,
+    allow_inexact: bool = False,
+    rules: Mapping[Any, ChannelRule] | Iterable[ChannelRule] | None = None,
+) -> ChannelGraph:
     """Run every node's rule and build units and groups. Expects canonicalized, shape-inferred IR.
 
     ``allow_inexact`` lets rules couple through ops that mix channels without weights
     (LayerNorm over the hidden axis, RMSNorm's mean of squares): such groups are marked
     inexact and the oracle reports them instead of asserting.
+
+    ``rules`` adds rules for this call (custom ops; see ``spa.rules.registry.resolve_rules``
+    for the forms accepted): they are looked up before the registry, so they may also replace
+    a built-in rule. The result remembers them (``ChannelGraph.rules``).
     """
     graph = model.graph
-    opset = _opset(model)
+    opset = default_opset(model)
+    overlay = resolve_rules(rules)
     ties: list[Tie] = []
     roles: dict[Dim, set[Role]] = defaultdict(set)
     blocks: list[tuple[str, int | None, Blocked]] = []
@@ -141,17 +148,17 @@ def analyze_channels(model: ir.Model, *, allow_inexact: bool = False) -> Channel
     # that node's rule). What crosses a body's own inputs/outputs is frozen, unless the op's
     # rule maps it (``owns_subgraphs``: If ties each branch output to its own output).
     for node in graph.all_nodes():
-        rule = rules_base.get_rule(node.domain, node.op_type)
+        rule = get_rule(node.domain, node.op_type, overlay)
         if getattr(rule, "owns_subgraphs", False):
             continue
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             for v in (*sub.inputs, *sub.outputs):
                 blocks.append((v.name, None, Blocked(BlockCode.SUBGRAPH, f"'{v.name}' crosses the boundary of a {node.op_type} body ('{node.name}')", node.name, v.name)))
 
     hint = _WeightedDims()
     for node in graph.all_nodes():
         ctx = CouplingContext(node, opset=opset, is_constant=is_constant, is_channel=hint.weighted, allow_inexact=allow_inexact)
-        rule = rules_base.get_rule(node.domain, node.op_type)
+        rule = get_rule(node.domain, node.op_type, overlay)
         if rule is None:
             ctx.block_all(BlockCode.NO_RULE, f"no channel rule for {node.domain + '::' if node.domain else ''}{node.op_type} ('{ctx.name}')")
         else:
@@ -176,7 +183,9 @@ def analyze_channels(model: ir.Model, *, allow_inexact: bool = False) -> Channel
         for d, _ in ctx.roles:
             hint.mark(d)
 
-    return _build_groups(graph, ties, roles, blocks, inexact, node_dims, order)
+    cg = _build_groups(graph, ties, roles, blocks, inexact, node_dims, order)
+    cg.rules = overlay
+    return cg
 
 
 class _WeightedDims:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
+from spa.graph import is_constant
 from spa.rules.base import CouplingContext, RewriteContext, Role
 
 __all__ = [
@@ -68,7 +69,7 @@ def tie_broadcast(
 def const_array(value: ir.Value | None) -> np.ndarray | None:
     """A constant initializer's value (not one a caller can override), for graph look-arounds
     outside a rule's own node (a Reshape target's Concat pieces, a Shape's consumers)."""
-    if value is None or value.const_value is None or not value.is_initializer() or value.is_graph_input():
+    if value is None or not is_constant(value):
         return None
     return value.const_value.numpy()
 

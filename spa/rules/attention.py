@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from spa.graph import attr
 from spa.rules._util import tie_broadcast, tie_same_shape
 from spa.rules.base import BlockCode, CouplingContext, NoRewrite, RewriteContext, Role, register
 
@@ -47,11 +48,11 @@ def _tie_qkv(ctx: CouplingContext, q: ir.Value, k: ir.Value, val: ir.Value, y: i
     _tie_head_axis(ctx, y, -1, hq, dv)
 
 
-def _set_heads(ctx: RewriteContext, attr: str, value: ir.Value, axis: int, heads: int) -> None:
+def _set_heads(ctx: RewriteContext, name: str, value: ir.Value, axis: int, heads: int) -> None:
     """Rewrite a head-count attribute from the kept channels of a [heads·d] axis."""
     kept = ctx.kept(value, axis)
     if kept is not None:
-        ctx.set_attr(attr, len(kept) // (int(value.shape[axis]) // heads))
+        ctx.set_attr(name, len(kept) // (int(value.shape[axis]) // heads))
 
 
 def _block_extra(ctx: CouplingContext, node: ir.Node, first_extra: int, what: str) -> bool:
@@ -90,8 +91,8 @@ class OnnxAttentionRule:
 
     def rewrite(self, node: ir.Node, ctx: RewriteContext) -> None:
         q, k = node.inputs[0], node.inputs[1]
-        _set_heads(ctx, "q_num_heads", q, 2, int(node.attributes["q_num_heads"].value))
-        _set_heads(ctx, "kv_num_heads", k, 2, int(node.attributes["kv_num_heads"].value))
+        _set_heads(ctx, "q_num_heads", q, 2, int(attr(node, "q_num_heads")))
+        _set_heads(ctx, "kv_num_heads", k, 2, int(attr(node, "kv_num_heads")))
 
 
 @register("Attention", domain=MS)
@@ -131,7 +132,7 @@ class MsAttentionRule:
         _tie_head_axis(ctx, y, 2, heads, d)
 
     def rewrite(self, node: ir.Node, ctx: RewriteContext) -> None:
-        _set_heads(ctx, "num_heads", node.outputs[0], 2, int(node.attributes["num_heads"].value))
+        _set_heads(ctx, "num_heads", node.outputs[0], 2, int(attr(node, "num_heads")))
 
 
 @register("MultiHeadAttention", domain=MS)
@@ -156,7 +157,7 @@ class MultiHeadAttentionRule:
         _tie_qkv(ctx, q, k, v, y, heads, heads, sq // heads, sv // heads)
 
     def rewrite(self, node: ir.Node, ctx: RewriteContext) -> None:
-        _set_heads(ctx, "num_heads", node.inputs[0], 2, int(node.attributes["num_heads"].value))
+        _set_heads(ctx, "num_heads", node.inputs[0], 2, int(attr(node, "num_heads")))
 
 
 @register("SkipLayerNormalization", "SkipSimplifiedLayerNormalization", domain=MS)

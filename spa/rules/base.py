@@ -1,4 +1,4 @@
-"""The channel-rule contract and its registry.
+"""The channel-rule contract, and every per-op fact a rule author must know.
 
 A rule answers two questions about one node (DESIGN.md, "The channel-rule contract"):
 
@@ -9,12 +9,38 @@ A rule answers two questions about one node (DESIGN.md, "The channel-rule contra
 2. ``rewrite(node, ctx)``: given the kept indices of every dimension it touches, which
    attributes and constant inputs (group, split sizes, shape constants …) must change.
    It records these with ``ctx.set_attr``/``ctx.set_const`` and does not mutate either:
-   the rewrites become part of the plan and the surgery pass executes them.
+   the rewrites become part of the plan and the surgery pass executes them. A rule of an op
+   without channel-dependent attributes mixes in :class:`NoRewrite` (or leaves it out).
 
 Couplings are element-exact: ``tie`` unions individual channel indices ("atoms"), so Concat
 offsets, Split ranges, Flatten blocks and grouped convolutions all use the same mechanism.
 A dimension a node touches but does not mention is treated as opaque by the analysis (the
 channels it holds are frozen), so a rule that forgets an axis is safe, never wrong.
+
+Per-op facts, and where each lives (a new op may need more than its rule):
+
+- **The rule** and its key ``(domain, op_type)``: ``@register(...)`` in
+  ``spa/rules/<family>.py``; a custom op's rule can instead be passed per call
+  (``analyze_channels(model, rules=...)``) or installed as a plug-in (entry-point group
+  ``spa.rules``): see :mod:`spa.rules.registry`. ``"ai.onnx"`` is the default domain.
+- **Weight look-through** (:data:`LOOK_THROUGH`, here): ops an exporter puts between a
+  constant weight and its consumer (DequantizeLinear, Cast, Identity, Transpose). A weight
+  read through them is still a constant weight; the op's own rule must tie its input to
+  its output axis for axis. Add one with :func:`register_look_through`.
+- **Subgraphs**: a rule that maps its bodies' inputs/outputs itself sets
+  ``owns_subgraphs = True`` (``If``, ``spa/rules/control_flow.py``); otherwise every value
+  crossing a body boundary is frozen (SUBGRAPH).
+- **Inexact ops** (LayerNorm over the channel axis …): block CHANNEL_MIXING, or, when
+  ``ctx.allow_inexact``, tie and ``ctx.mark_inexact``: the oracle then reports, not asserts.
+- **Quantized weights' zero points** (the oracle masks a removed column with its zero
+  point, not 0): ``ZERO_POINT_OF`` / ``weight_zero_point`` in ``spa/rules/quantize.py``.
+- **Cost** (FLOPs/MACs/params per op): the formulas live in ``spa/analysis/cost.py``
+  (``_PER_OUTPUT``, ``_CONV_XW``, ``_MATMUL_AB`` …); an op without one is counted as
+  unknown and named in the report, it never counts as free.
+- **Consumers** (which nodes read a group's channels through a weight, for compensation):
+  ``spa/analysis/consumers.py`` re-runs the rules; it names conv/matmul kinds and bias inputs.
+- **Graph facts** every rule may use (constant test, opset, attributes, subgraphs, domain):
+  :mod:`spa.graph`.
 """
 
 from __future__ import annotations
@@ -23,13 +49,14 @@ import dataclasses
 import enum
 import logging
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 import onnx_ir as ir
 
-if TYPE_CHECKING:
-    pass
+from spa.graph import attr as graph_attr
+from spa.graph import canonical_domain
+from spa.rules.registry import get_rule, register, register_rule, registered_ops, resolve_rules
 
 __all__ = [
     "Dim",
@@ -42,9 +69,16 @@ __all__ = [
     "RewriteContext",
     "AttrRewrite",
     "ConstRewrite",
+    "NoRewrite",
+    "LookThrough",
+    "LOOK_THROUGH",
+    "look_through",
+    "register_look_through",
     "register",
+    "register_rule",
     "get_rule",
     "registered_ops",
+    "resolve_rules",
 ]
 
 logger = logging.getLogger(__name__)
@@ -136,6 +170,54 @@ class ConstRewrite:
         return {"kind": "constant", "node": self.node, "input": self.index, "value": self.value}
 
 
+@dataclasses.dataclass(frozen=True)
+class LookThrough:
+    """An op that keeps a weight's channels between the constant and its consumer.
+
+    Output axis ``k`` of the op is axis ``perm(node, rank)[k]`` of its input 0 (identity when
+    ``perm`` is None). Both directions are derived from it: ``weight_source`` walks from a
+    consumer back to the constant, ``spa.analysis.consumers`` from the constant forward.
+    """
+
+    perm: Callable[[ir.Node, int], list[int]] | None = None
+
+    def input_axis(self, node: ir.Node, out_axis: int, rank: int) -> int:
+        """The input-0 axis that becomes output axis ``out_axis``."""
+        return out_axis if self.perm is None else self.perm(node, rank)[out_axis]
+
+    def output_axis(self, node: ir.Node, in_axis: int, rank: int) -> int:
+        """The output axis that input-0 axis ``in_axis`` becomes."""
+        return in_axis if self.perm is None else self.perm(node, rank).index(in_axis)
+
+
+def _transpose_perm(node: ir.Node, rank: int) -> list[int]:
+    perm = graph_attr(node, "perm")
+    return list(range(rank))[::-1] if perm is None else [int(p) % rank for p in perm]
+
+
+#: The weight look-through registry, keyed by ``(domain, op_type)``: the ops exporters put
+#: between a constant weight and the op that reads it. ``CouplingContext.weight_source`` /
+#: ``weight`` see through them (QDQ models, torch Linear exported as ``MatMul(x, Transpose(W))``),
+#: so a weight behind them is still a constant weight and its role lands on the initializer.
+#: Each op here also needs a rule tying its input 0 to its output, axis for axis.
+LOOK_THROUGH: dict[tuple[str, str], LookThrough] = {
+    ("", "DequantizeLinear"): LookThrough(),
+    ("", "Cast"): LookThrough(),
+    ("", "Identity"): LookThrough(),
+    ("", "Transpose"): LookThrough(_transpose_perm),
+}
+
+
+def look_through(node: ir.Node) -> LookThrough | None:
+    """How ``node`` keeps a weight's axes, when it is a look-through op (:data:`LOOK_THROUGH`)."""
+    return LOOK_THROUGH.get((canonical_domain(node.domain), node.op_type))
+
+
+def register_look_through(op_type: str, *, domain: str = "", perm: Callable[[ir.Node, int], list[int]] | None = None) -> None:
+    """Add an op to :data:`LOOK_THROUGH` (``perm(node, rank)``: see :class:`LookThrough`)."""
+    LOOK_THROUGH[(canonical_domain(domain), op_type)] = LookThrough(perm)
+
+
 def _normalize_axis(axis: int, rank: int) -> int:
     if not -rank <= axis < rank:
         raise IndexError(f"axis {axis} out of range for rank {rank}")
@@ -181,8 +263,7 @@ class CouplingContext:
         return self.node.outputs[i] if i < len(self.node.outputs) else None
 
     def attr(self, name: str, default=None):
-        a = self.node.attributes.get(name)
-        return default if a is None else a.value
+        return graph_attr(self.node, name, default)
 
     @staticmethod
     def rank(value: ir.Value | None) -> int | None:
@@ -217,24 +298,22 @@ class CouplingContext:
 
     def weight_source(self, value: ir.Value | None, axis: int) -> tuple[ir.Value, int] | None:
         """The constant initializer axis behind a weight axis, seen through the ops exporters
-        put between a weight and its consumer: DequantizeLinear (QDQ models), Cast,
-        Identity, and Transpose (a torch Linear exported without constant folding reads
-        ``Transpose(W)``; the axis is permuted back)."""
+        put between a weight and its consumer (:data:`LOOK_THROUGH`: DequantizeLinear in QDQ
+        models, Cast, Identity, and Transpose — a torch Linear exported without constant
+        folding reads ``Transpose(W)``; the axis is permuted back)."""
         depth = 0
         while value is not None and depth < 8:
             if self.is_constant(value):
                 return value, axis % max(1, len(value.shape))
             src = value.producer()
-            if src is None or src.op_type not in ("DequantizeLinear", "Cast", "Identity", "Transpose"):
+            through = None if src is None else look_through(src)
+            if through is None:
                 return None
-            nxt = src.inputs[0]
-            if nxt is None or self.rank(nxt) is None or self.rank(nxt) != self.rank(value):
+            nxt = src.inputs[0] if src.inputs else None
+            rank = self.rank(value)
+            if nxt is None or rank is None or self.rank(nxt) != rank:
                 return None
-            if src.op_type == "Transpose":
-                perm = src.attributes.get("perm")
-                rank = self.rank(value)
-                perm = list(range(rank))[::-1] if perm is None else [int(p) for p in perm.value]
-                axis = perm[axis % rank]
+            axis = through.input_axis(src, axis % rank, rank)
             value, depth = nxt, depth + 1
         return None
 
@@ -313,8 +392,8 @@ class CouplingContext:
     def weight(self, value: ir.Value | None, axis: int, role: Role) -> bool:
         """Declare a weight axis. Weights must be constants: a computed weight blocks its axis.
 
-        A weight reached through DequantizeLinear/Cast/Identity/Transpose counts as the
-        constant behind it (``weight_source``): the role goes on that initializer's axis, which
+        A weight reached through the ops of :data:`LOOK_THROUGH` counts as the constant
+        behind it (``weight_source``): the role goes on that initializer's axis, which
         those ops' rules tie to the weight axis.
         """
         if value is None:
@@ -406,33 +485,3 @@ class NoRewrite:
 
     def rewrite(self, node: ir.Node, ctx: RewriteContext) -> None:  # noqa: D102
         return None
-
-
-_REGISTRY: dict[tuple[str, str], ChannelRule] = {}
-
-
-def _canonical_domain(domain: str) -> str:
-    return "" if domain in ("", "ai.onnx") else domain
-
-
-def register(*op_types: str, domain: str = "") -> Callable[[type], type]:
-    """Class decorator: register one instance of the rule for each ``(domain, op_type)``."""
-
-    def deco(cls: type) -> type:
-        inst = cls()
-        for op in op_types:
-            key = (_canonical_domain(domain), op)
-            if key in _REGISTRY:
-                raise RuntimeError(f"two rules registered for {key}")
-            _REGISTRY[key] = inst
-        return cls
-
-    return deco
-
-
-def get_rule(domain: str, op_type: str) -> ChannelRule | None:
-    return _REGISTRY.get((_canonical_domain(domain), op_type))
-
-
-def registered_ops() -> set[tuple[str, str]]:
-    return set(_REGISTRY)

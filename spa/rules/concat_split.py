@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from spa.graph import attr
 from spa.rules._util import const_ints, int_list_input_or_attr
 from spa.rules.base import BlockCode, CouplingContext, NoRewrite, RewriteContext, register
 
@@ -88,11 +89,11 @@ class SplitRule:
 
     def rewrite(self, node: ir.Node, ctx: RewriteContext) -> None:
         x = node.inputs[0]
-        axis = int(node.attributes["axis"].value) % len(x.shape) if "axis" in node.attributes else 0
+        axis = int(attr(node, "axis", 0)) % len(x.shape)
         if ctx.kept(x, axis) is None:
             return
         new = [ctx.new_size(y, axis) for y in node.outputs]
-        if "num_outputs" in node.attributes:
+        if attr(node, "num_outputs") is not None:
             ctx.set_attr("num_outputs", None)
         if ctx.opset >= 13:
             ctx.set_const(1, new)

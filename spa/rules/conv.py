@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from spa.graph import attr
 from spa.rules.base import CouplingContext, RewriteContext, Role, register
 
 __all__ = ["ConvRule", "ConvTransposeRule"]
@@ -64,7 +65,7 @@ class ConvRule:
             ctx.tie(y, 1, y, 1, np.arange(m), np.arange(m) % mg)
 
     def rewrite(self, node: ir.Node, ctx: RewriteContext) -> None:
-        g = int(node.attributes["group"].value) if "group" in node.attributes else 1
+        g = int(attr(node, "group", 1))
         x, w = node.inputs[self.X], node.inputs[self.W]
         if g > 1 and w.shape is not None and w.shape[1] == 1:
             kept = ctx.kept(x, 1)
@@ -103,7 +104,7 @@ class ConvTransposeRule:
             ctx.weight(w, 1, Role.OUT)
 
     def rewrite(self, node: ir.Node, ctx: RewriteContext) -> None:
-        g = int(node.attributes["group"].value) if "group" in node.attributes else 1
+        g = int(attr(node, "group", 1))
         x, w = node.inputs[0], node.inputs[1]
         if g > 1 and x.shape is not None and isinstance(x.shape[1], int) and x.shape[1] == g:
             kept = ctx.kept(x, 1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from spa.graph import attr
 from spa.rules.base import CouplingContext, RewriteContext, Role, register
 
 __all__ = ["GatherRule"]
@@ -43,7 +44,7 @@ class GatherRule:
 
     def rewrite(self, node: ir.Node, ctx: RewriteContext) -> None:
         data, indices = node.inputs[0], node.inputs[1]
-        axis = int(node.attributes["axis"].value) % len(data.shape) if "axis" in node.attributes else 0
+        axis = int(attr(node, "axis", 0)) % len(data.shape)
         kept = ctx.kept(data, axis)
         if kept is None or indices.const_value is None:
             return

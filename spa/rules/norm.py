@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from spa.graph import attr
 from spa.rules._util import tie_same_shape
 from spa.rules.base import BlockCode, CouplingContext, NoRewrite, RewriteContext, Role, register
 
@@ -87,7 +88,7 @@ class GroupNormRule:
         kept = ctx.kept(x, 1)
         if kept is None:
             return
-        groups = int(node.attributes["num_groups"].value)
+        groups = int(attr(node, "num_groups"))
         per = int(x.shape[1]) // groups
         ctx.set_attr("num_groups", int(len(kept)) // per)
 

@@ -8,18 +8,48 @@ like float ones. Blocked quantization (``block_size``) along a channel axis is r
 
 QLinearConv / ConvInteger / QLinearMatMul / MatMulInteger are Conv/MatMul with the weight at
 another input position and per-output-channel weight scales/zero points.
+
+Zero points (:data:`ZERO_POINT_OF`, :func:`weight_zero_point`): a quantized weight's "zero" is
+its zero point, not 0, so the mask oracle (``spa.verify``) fills a removed column of such a
+weight with the zero point of that channel. A new quantized op whose weight has a zero
+point gets an entry here next to its rule.
 """
 
 from __future__ import annotations
 
 import onnx_ir as ir
 
+from spa.graph import attr, canonical_domain
 from spa.rules._util import tie_same_shape
 from spa.rules.base import BlockCode, CouplingContext, NoRewrite, Role, register
 from spa.rules.conv import ConvRule
 from spa.rules.linear import MatMulRule
 
-__all__ = ["QDQRule", "DynamicQuantizeRule", "QLinearConvRule", "ConvIntegerRule", "QLinearMatMulRule", "MatMulIntegerRule"]
+__all__ = ["ZERO_POINT_OF", "weight_zero_point", "QDQRule", "DynamicQuantizeRule", "QLinearConvRule", "ConvIntegerRule", "QLinearMatMulRule", "MatMulIntegerRule"]
+
+
+#: (op, input index of a quantized weight) → (input index of its zero point, zero point axis
+#: in the weight). Axis None: the op's ``axis`` attribute (default 1), as for DequantizeLinear.
+ZERO_POINT_OF: dict[tuple[str, int], tuple[int, int | None]] = {
+    ("DequantizeLinear", 0): (2, None),
+    ("QLinearConv", 3): (5, 0),
+    ("ConvInteger", 1): (3, 0),
+    ("QLinearMatMul", 3): (5, -1),
+    ("MatMulInteger", 1): (3, -1),
+}
+
+
+def weight_zero_point(node: ir.Node, index: int) -> tuple[int, int] | None:
+    """Where the zero point of the quantized weight at input ``index`` of ``node`` lives:
+    (its input index, its axis in the weight, possibly negative). None when that input is no
+    quantized weight with a zero point (a default-domain op of :data:`ZERO_POINT_OF`)."""
+    if canonical_domain(node.domain) != "":
+        return None
+    spec = ZERO_POINT_OF.get((node.op_type, index))
+    if spec is None:
+        return None
+    zp_index, axis = spec
+    return zp_index, int(attr(node, "axis", 1)) if axis is None else axis
 
 
 @register("QuantizeLinear", "DequantizeLinear")

@@ -22,6 +22,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
+from spa.graph import attr
 from spa.rules._util import rewrite_target, shape_target
 from spa.rules.base import BlockCode, CouplingContext, NoRewrite, RewriteContext, register
 
@@ -210,7 +211,7 @@ class ReshapeRule:
         if not ctx.changed(x, y):
             return
         entries, where = shape_target(shape_v)
-        allowzero = "allowzero" in node.attributes and int(node.attributes["allowzero"].value) == 1
+        allowzero = int(attr(node, "allowzero", 0)) == 1
         changes: dict[int, int] = {}
         for k, s in enumerate(entries):
             if s is None or s == -1:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from spa.graph import attr
 from spa.rules._util import const_array, int_list_input_or_attr
 from spa.rules.base import BlockCode, CouplingContext, NoRewrite, register
 
@@ -86,7 +87,7 @@ def _shape_entries_read(out: ir.Value, positions: list[int], depth: int = 6) -> 
             sub = _shape_entries_read(node.outputs[0], positions, depth - 1)
         elif node.op_type == "Gather":
             idx = const_array(node.inputs[1])
-            axis = int(node.attributes["axis"].value) if "axis" in node.attributes else 0
+            axis = int(attr(node, "axis", 0))
             if idx is None or axis != 0 or idx.ndim > 1:
                 return None
             picked = [positions[int(i) % len(positions)] for i in idx.reshape(-1)]

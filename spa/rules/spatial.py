@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from spa.graph import attr
 from spa.rules._util import const_ints, int_list_input_or_attr
 from spa.rules.base import BlockCode, CouplingContext, NoRewrite, RewriteContext, register
 
@@ -101,7 +102,7 @@ class ResizeRule:
             return
         sizes = [int(s) for s in sizes_v.const_value.numpy().reshape(-1)]
         rank = len(x.shape)
-        axes = [a % rank for a in node.attributes["axes"].value] if "axes" in node.attributes else list(range(rank))
+        axes = [a % rank for a in attr(node, "axes", range(rank))]
         new = list(sizes)
         for i, a in enumerate(axes):
             if sizes[i] == x.shape[a]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 
 from spa.rules.base import BlockCode
@@ -257,3 +258,17 @@ def test_split_num_outputs_uneven():
     res = prune_and_check(m, sliced={"w1": 0})
     kept = np.asarray(kept_of(res, "w1", 0))
     assert const_input(res, "s1", 1) == [int((kept < 4).sum()), int((kept >= 4).sum())]
+
+
+def test_split_rewrite_reads_the_opset_spelled_ai_onnx():
+    """Regression: a model importing the default domain as "ai.onnx" (opset 17) got the split
+    sizes written as an attribute (the opset-11 form) and failed verification."""
+    text = _split_model(13, "s1, s2 = Split <axis=1> (a, sp)", dict(sp=_i64(3, 5)), 3, 5)
+    del text.opset_import[:]
+    text.opset_import.add(domain="ai.onnx", version=17)
+    res = prune_and_check(text, sliced={"w1": 0})
+    assert {o.domain: o.version for o in ir.to_proto(res.model).opset_import} == {"ai.onnx": 17}
+    kept = np.asarray(kept_of(res, "w1", 0))
+    new = [int((kept < 3).sum()), int((kept >= 3).sum())]
+    assert const_input(res, "s1", 1) == new
+    assert "split" not in node_of(res, "s1").attributes

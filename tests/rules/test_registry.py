@@ -97,3 +97,41 @@ def test_registering_twice_is_refused():
             def couplings(self, node, ctx) -> None: ...
 
             def rewrite(self, node, ctx) -> None: ...
+
+
+def test_look_through_ops_are_pinned_and_have_rules():
+    from spa.rules.base import LOOK_THROUGH
+
+    assert set(LOOK_THROUGH) == {("", "DequantizeLinear"), ("", "Cast"), ("", "Identity"), ("", "Transpose")}
+    for domain, op in LOOK_THROUGH:  # each must also tie its input to its output
+        assert get_rule(domain, op) is not None, op
+
+
+def test_look_through_maps_transpose_axes_both_ways():
+    import onnx_ir as ir
+
+    from spa.rules.base import look_through
+
+    x = ir.Value(name="x", shape=ir.Shape([2, 3, 4]))
+    node = ir.node("Transpose", [x], attributes={"perm": [2, 0, 1]})
+    t = look_through(node)
+    assert t is not None
+    assert [t.input_axis(node, k, 3) for k in range(3)] == [2, 0, 1]
+    assert [t.output_axis(node, t.input_axis(node, k, 3), 3) for k in range(3)] == [0, 1, 2]
+    assert look_through(ir.node("Relu", [x])) is None
+    assert look_through(ir.node("Cast", [x], domain="com.microsoft")) is None
+
+
+def test_zero_points_live_with_the_quantize_rules():
+    import onnx_ir as ir
+
+    from spa.rules import quantize
+
+    assert {op for op, _ in quantize.ZERO_POINT_OF} <= {op for _, op in registered_ops()}
+    x = ir.Value(name="x", shape=ir.Shape([4, 3]))
+    dq = ir.node("DequantizeLinear", [x, x, x], attributes={"axis": 0})
+    assert quantize.weight_zero_point(dq, 0) == (2, 0)
+    assert quantize.weight_zero_point(ir.node("DequantizeLinear", [x, x, x]), 0) == (2, 1)
+    assert quantize.weight_zero_point(ir.node("QLinearConv", [x] * 8), 3) == (5, 0)
+    assert quantize.weight_zero_point(dq, 1) is None
+    assert quantize.weight_zero_point(ir.node("Conv", [x, x]), 1) is None
