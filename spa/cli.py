@@ -25,6 +25,7 @@ from spa.allocate import ALLOCATIONS
 from spa.criteria import CRITERIA
 from spa.errors import OutputError, SpaError, UsageError, VerificationError
 from spa.passes.manager import DumpInstrument, PassManager, ProgressInstrument
+from spa.passes.compensate import COMPENSATE
 from spa.pipeline import PruneOptions, State, analyze, default_steps, run_pipeline
 from spa.planning import Plan
 from spa.report import Report, Timer, human
@@ -117,8 +118,14 @@ _plan_options = _options_decorator(
         _input_options,
         click.option("--allow-inexact", is_flag=True, help="Also prune channels that LayerNorm/RMSNorm mix (a transformer's hidden size). Not exact: the report says which groups."),
         click.option("--keep-weight-inputs", is_flag=True, help="Keep initializers that are also graph inputs (old IR<4 files) as overridable inputs; their channels stay frozen."),
+        click.option("--compensate", type=click.Choice(list(COMPENSATE)), default="none", show_default=True, help="Repair the layers that read removed channels: data-free (BatchNorm statistics, no data) or calibration (least squares on --calibration data)."),
+        click.option("--calibration", type=click.Path(exists=False), default=None, metavar="DATA", help="Calibration inputs: a .npz keyed by input name, or a folder of .npy files (samples on axis 0)."),
+        click.option("--calibration-samples", type=int, default=128, show_default=True, help="Use at most N calibration samples."),
     ]
 )
+
+_KEEP_OPSET_HELP = ("An input at opset 7–10 is upgraded to 13 to be pruned: write the output back at the input's opset "
+                    "(checked in ONNX Runtime; where the converter cannot go back, a warning and opset 13).")
 
 _run_options = _options_decorator(
     [
@@ -219,6 +226,7 @@ def cli(verbose: int) -> None:
 @click.option("-o", "--output", type=click.Path(), default=None, help="Output path (default: MODEL.spa.onnx beside the input).")
 @_plan_options
 @click.option("--no-bench", is_flag=True, help="Skip the side-by-side ORT latency measurement.")
+@click.option("--keep-opset", is_flag=True, help=_KEEP_OPSET_HELP)
 @_run_options
 def prune(model, output, no_bench, verify, report_path, as_json, quiet, in_place, dump_dir, explain, **flags) -> None:
     """Prune MODEL and write the smaller model."""
@@ -254,12 +262,13 @@ def plan_cmd(model, output, **flags) -> None:
 @click.option("-o", "--output", type=click.Path(), default=None, help="Output path (default: MODEL.spa.onnx beside the input).")
 @_input_options
 @click.option("--bench", is_flag=True, help="Also measure ORT latency side by side.")
+@click.option("--keep-opset", is_flag=True, help=_KEEP_OPSET_HELP)
 @_run_options
-def apply_cmd(model, plan_file, output, input_shapes, input_values, bench, verify, report_path, as_json, quiet, in_place, dump_dir, explain) -> None:
+def apply_cmd(model, plan_file, output, input_shapes, input_values, bench, keep_opset, verify, report_path, as_json, quiet, in_place, dump_dir, explain) -> None:
     """Replay PLAN_FILE (from `spa plan`) on MODEL."""
     with _errors():
         plan = _read_plan(plan_file)
-        opts = _prune_options(**{**plan.options, "verify": verify, "benchmark": bench, "input_shapes": input_shapes, "input_values": input_values})
+        opts = _prune_options(**{**plan.options, "verify": verify, "benchmark": bench, "input_shapes": input_shapes, "input_values": input_values, "keep_opset": keep_opset})
         state = State(
             source=model, options=opts, plan=plan, source_path=model, in_place=in_place,
             output_path=pathlib.Path(output) if output else io.default_output_path(model),
@@ -358,19 +367,9 @@ def _print_report(r: Report) -> None:
 
 
 def _read_plan(path: str) -> Plan:
-    p = pathlib.Path(path)
-    if not p.is_file():
-        raise UsageError(f"plan '{path}' is not a file")
-    try:
-        data = json.loads(p.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UsageError(f"plan '{path}' is not JSON: {e}") from e
-    try:
-        return Plan.from_json(data)
-    except SpaError as e:
-        raise UsageError(f"plan '{path}': {e}") from e
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise UsageError(f"plan '{path}' is not a valid spa plan: {type(e).__name__} {e}") from e
+    """``Plan.load``: a missing, unreadable or invalid plan is a PlanError (exit 2) naming the
+    field ("plan 'p.json': groups[3].removed is missing")."""
+    return Plan.load(path)
 
 
 def main() -> None:

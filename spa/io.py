@@ -56,6 +56,7 @@ __all__ = [
     "EXTERNAL_DATA_THRESHOLD_BYTES",
     "load_model",
     "save_model",
+    "at_opset",
     "model_sha256",
     "default_output_path",
     "check_model_structure",
@@ -357,8 +358,14 @@ def save_model(
     in_place: bool = False,
     external_data: bool | None = None,
     durable: bool = True,
+    opset: int | None = None,
 ) -> pathlib.Path:
     """Write ``model`` to ``path`` atomically and return the path written.
+
+    With ``opset`` (``--keep-opset``: the opset an upgraded input had) the model is written at
+    that default-domain opset, converted by :func:`at_opset` (the version converter, checked
+    in ONNX Runtime); where that is not possible a warning is logged and the model is written
+    at its own opset.
 
     Args:
         model: the model to write; it is not modified (but see *in-place* below).
@@ -388,6 +395,12 @@ def save_model(
     data_out = parent / data_name
 
     _check_output_folder(out)
+    if opset is not None:
+        converted, why = at_opset(model, opset)
+        if converted is None:
+            logger.warning("%s: written at opset %s, not %d: %s", out, _default_opset(dict(model.opset_imports)), opset, why)
+        else:
+            model = converted
     model_files = _external_files(model)
     _check_not_overwriting(out, data_out, model_files, source_path, in_place)
 
@@ -435,6 +448,65 @@ def save_model(
         _invalidate_tensors_on(model, data_out, model_files)
     logger.info("saved %s%s", out, f" (+ {data_name})" if wrote_data else "")
     return out
+
+
+def at_opset(
+    model: ir.Model,
+    opset: int,
+    *,
+    reference: str | os.PathLike[str] | None = None,
+    feeds: dict | None = None,
+) -> tuple[ir.Model | None, str | None]:
+    """A copy of ``model`` at default-domain ``opset`` (``--keep-opset``), or why not.
+
+    Converted with ``upgrade_opset.downgrade_or_reason`` (onnx's version converter, then the
+    relabelling it documents), then checked: the copy must load in ONNX Runtime and, given
+    ``reference`` (a model file, e.g. the pruned model at the upgraded opset) and ``feeds``,
+    give the same outputs (``upgrade_opset.check_upgrade``). Returns ``(copy, None)``, or
+    ``(None, reason)`` where the converter cannot go back or a check fails: the caller then
+    keeps the model at its own opset. Lazy external weights are not read: the copy holds the
+    very same tensor objects. ``model`` itself at ``opset`` already is returned as it is.
+    """
+    from spa.errors import SpaError
+
+    current = _default_opset(dict(model.opset_imports))
+    if current is None or current == opset:
+        return model, None
+    external = {
+        name: v.const_value
+        for g in model.graphs()
+        for name, v in g.initializers.items()
+        if isinstance(v.const_value, ir.ExternalTensor)
+    }
+    back, why = upgrade_opset.downgrade_or_reason(ir.to_proto(model), opset)
+    if back is None:
+        return None, f"the version converter cannot write opset {opset} ({why})"
+    converted = ir.from_proto(back)
+    del back
+    for g in converted.graphs():
+        for name, v in g.initializers.items():
+            tensor = external.get(name)
+            if tensor is not None and v.const_value is not None and v.const_value.shape == tensor.shape and v.const_value.dtype == tensor.dtype:
+                v.const_value = tensor
+    for key, value in model.meta.items():
+        converted.meta[key] = list(value) if isinstance(value, list) else value
+    from spa import verify  # late: verify imports planning, which the loading path must not
+
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="spa-opset-"))
+    try:
+        path = save_model(converted, tmp / "model.onnx", durable=False)
+        try:
+            verify.session(path, pruned=True)
+        except SpaError as exc:  # VerificationError: "ONNX Runtime cannot load the pruned model: …"
+            return None, f"at opset {opset}, {exc}"
+        if reference is not None and feeds is not None:
+            try:
+                upgrade_opset.check_upgrade(path, reference, feeds)
+            except SpaError as exc:
+                return None, f"at opset {opset} its outputs differ from the opset-{current} model's ({exc})"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return converted, None
 
 
 def _check_output_folder(out: pathlib.Path) -> None:

@@ -1,10 +1,11 @@
 """The pipeline, readable top to bottom in one place (:func:`default_steps`).
 
-    load → canonicalize → analyze → score → allocate → plan │ snapshot → prune → measure
-         → check → oracle → benchmark → report → save
+    load → canonicalize → analyze → statistics → score → allocate → plan │ snapshot
+         → compensate → prune → measure → check → oracle → error → benchmark → report → save
 
 Every entry is a :class:`~spa.passes.manager.Step` run by the pass manager over one
-:class:`State`; later stages (compensate, lowrank, fold, emit) are new entries in that list.
+:class:`State`; later stages (lowrank, fold, emit) are new entries in that list, as compensation's three
+steps (statistics, compensate, error; ``spa.passes.compensate``) are.
 ``spa.plan`` runs the steps up to ``plan`` (no surgery); ``spa.prune`` runs them all;
 ``spa.apply`` replaces score/allocate/plan by a saved plan.
 
@@ -36,13 +37,19 @@ from spa.analysis.channels import ChannelGraph, analyze_channels
 from spa.analysis.cost import Cost, CostModel
 from spa.criteria import CriterionInputs, get_criterion, score_groups
 from spa.errors import PlanMismatchError, UsageError
-from spa.graph import all_initializers, notes as model_notes
+from spa.graph import add_note, all_initializers, notes as model_notes
+from spa.compensation import DAMP
+from spa.passes import compensate as compensate_mod
+from spa.passes import upgrade_opset
 from spa.passes.canonicalize import CanonicalizePass
+from spa.passes.compensate import COMPENSATE
 from spa.passes.manager import PassManager, Step, TimingInstrument
 from spa.passes.prune import PrunePass
+from spa.plan_schema import PLAN_OPTION_KEYS
 from spa.planning import Plan, build_plan
 from spa.report import Report, Timer
 from spa.rules.base import Role
+from spa.rules.registry import resolve_rules
 
 __all__ = [
     "PruneOptions",
@@ -82,6 +89,16 @@ class PruneOptions:
     keep_opset: bool = False
     #: Keep initializers that are also graph inputs as overridable inputs (their channels frozen).
     keep_weight_inputs: bool = False
+    #: Repair the consumers of removed channels: none | data-free | calibration (spa.compensation).
+    compensate: str = "none"
+    #: Calibration data (a .npz, a folder of .npy files, or an iterable of feed dicts).
+    calibration: Any = None
+    calibration_samples: int = 128
+    #: Ridge damping of the compensation's least squares, relative to mean(diag H).
+    damp: float = DAMP
+    #: Per-call channel rules for custom ops (any form ``spa.rules.registry.resolve_rules``
+    #: accepts); looked up before the registry. Not a plan option: a plan records their effect.
+    rules: Sequence[Any] | Mapping[Any, Any] | None = None
 
     def validate(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -90,12 +107,18 @@ class PruneOptions:
             raise UsageError(f"flops-target must be in (0, 1], got {self.flops_target}")
         if self.verify not in VERIFY_LEVELS:
             raise UsageError(f"verify must be one of {', '.join(VERIFY_LEVELS)}")
+        if self.compensate not in COMPENSATE:
+            raise UsageError(f"compensate must be one of {', '.join(COMPENSATE)}, got {self.compensate!r}")
+        if self.calibration_samples < 1:
+            raise UsageError(f"calibration-samples must be ≥ 1, got {self.calibration_samples}")
+        if not 0.0 <= self.damp < 1e6:
+            raise UsageError(f"damp must be ≥ 0, got {self.damp}")
         get_criterion(self.criterion)
+        resolve_rules(self.rules)  # a custom rule that is not one is refused before any work
 
     def plan_options(self) -> dict[str, Any]:
         """The options that decide the plan (recorded in it; verification ones are not)."""
-        keys = ("ratio", "criterion", "allocation", "min_keep", "round_to", "flops_target", "seed", "allow_inexact")
-        return {k: getattr(self, k) for k in keys}
+        return {k: getattr(self, k) for k in PLAN_OPTION_KEYS}
 
 
 @dataclasses.dataclass
@@ -149,6 +172,16 @@ class State:
     oracle: dict[str, Any] | None = None
     latency: verify_mod.Latency | None = None
     report: Report | None = None
+    #: Compensation: the consumer view and activation moments (``statistics``), the result of
+    #: ``compensate``, the reference it wrote (surgery slices it, the oracle proves against
+    #: it), the plan surgery runs (the plan plus created biases), the measured errors.
+    consumers: Any = None
+    moments: dict[str, Any] | None = None
+    calibration: Any = None
+    compensation: Any = None
+    reference_path: pathlib.Path | None = None
+    surgery_plan: Plan | None = None
+    compensation_report: dict[str, Any] | None = None
     #: Seconds per step so far (the timing instrument writes it; the report copies it).
     timer: Timer = dataclasses.field(default_factory=Timer)
     _cache: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -159,7 +192,8 @@ class State:
 
     def channels(self) -> ChannelGraph:
         if "channels" not in self._cache:
-            self._cache["channels"] = analyze_channels(self.model, allow_inexact=self.options.allow_inexact)
+            o = self.options
+            self._cache["channels"] = analyze_channels(self.model, allow_inexact=o.allow_inexact, rules=o.rules)
         return self._cache["channels"]
 
     def cost(self) -> CostModel:
@@ -218,7 +252,8 @@ def _analyze(s: State) -> bool:
 
 def _score(s: State) -> bool:
     crit = get_criterion(s.options.criterion)
-    s.scores = score_groups(s.analysis.channels, crit, CriterionInputs(weight=_weight_reader(s.model), seed=s.options.seed))
+    inputs = CriterionInputs(weight=_weight_reader(s.model), seed=s.options.seed, model=s.model, consumers=s.consumers, moments=s.moments)
+    s.scores = score_groups(s.analysis.channels, crit, inputs)
     return False
 
 
@@ -268,10 +303,41 @@ def _snapshot(s: State) -> bool:
     return False
 
 
+def _upgraded_from(s: State) -> int | None:
+    """The default-domain opset (7–10) the input had before ``upgrade_opset`` upgraded it."""
+    return None if s.analysis is None else s.analysis.model.meta.get(upgrade_opset.UPGRADED_FROM_KEY)
+
+
+def _check_upgrade(s: State) -> bool:
+    """The oracle proves pruning, not the conversion: the input file and the upgraded canonical
+    snapshot must give the same outputs in ORT (``check_upgrade`` refuses otherwise)."""
+    original = s.source if not isinstance(s.source, ir.Model) else ir.to_proto(s.source)
+    diff = upgrade_opset.check_upgrade(original, s.snapshot_path, s.feeds)
+    old = _upgraded_from(s)
+    s.notes["upgrade_check"] = {"from_opset": old, "to_opset": upgrade_opset.TARGET_OPSET, "max_abs_diff": diff}
+    add_note(s.analysis.model, f"the opset {old} → {upgrade_opset.TARGET_OPSET} upgrade was checked in ONNX Runtime "
+                               f"against the input: same outputs (max |diff| {diff:.3g})")
+    return False
+
+
+def _restore_opset(s: State) -> bool:
+    """--keep-opset: the output at the input's opset (``io.at_opset``), or a warning and the
+    upgraded opset where the converter cannot go back or the result fails in ORT."""
+    old = _upgraded_from(s)
+    converted, why = io.at_opset(s.model, old, reference=s.pruned_path, feeds=s.feeds)
+    if converted is None:
+        s.warnings.append(f"--keep-opset: the output stays at opset {upgrade_opset.TARGET_OPSET}: {why}")
+        return False
+    s.model = converted
+    add_note(s.analysis.model, f"written back at the input's opset {old} (--keep-opset): it loads in ONNX Runtime"
+                               + (" and gives the pruned model's outputs" if s.pruned_path is not None and s.feeds is not None else ""))
+    return True
+
+
 def _prune(s: State) -> bool:
     # A copy read back from the snapshot: ``s.analysis.model`` must keep describing the input.
-    s.model = io.load_model(s.snapshot_path)
-    PrunePass(s.plan)(s.model)
+    s.model = io.load_model(s.reference_path or s.snapshot_path)
+    PrunePass(s.surgery_plan or s.plan)(s.model)
     return True
 
 
@@ -291,7 +357,8 @@ def _check(s: State) -> bool:
 
 
 def _oracle(s: State) -> bool:
-    s.oracle = verify_mod.prove(s.analysis, s.plan, s.snapshot_path, s.pruned_path, s.feeds, s.scratch)
+    plan, reference = s.surgery_plan or s.plan, s.reference_path or s.snapshot_path
+    s.oracle = verify_mod.prove(s.analysis, plan, reference, s.pruned_path, s.feeds, s.scratch)
     return False
 
 
@@ -331,7 +398,11 @@ def default_steps(*, mode: str = "prune") -> list[Step]:
     """The pipeline. ``mode``: ``plan`` (decide only), ``prune`` (decide and do), ``apply``
     (do a plan given in ``State.plan``)."""
     o = lambda s: s.options  # noqa: E731 - reads better in the table below
+    comp = lambda s: o(s).compensate != "none"  # noqa: E731
+    statistics = Step("statistics", compensate_mod.statistics_step, "consumer view; activation moments (calibration data, or BatchNorm statistics / synthetic inputs)",
+                      when=compensate_mod.needs_statistics, skip_reason=lambda s: "--compensate none and a weight-only criterion")
     decide = [
+        statistics,
         Step("score", _score, "score every unit of every group with the criterion"),
         Step("allocate", _allocate, "choose the units each group loses (ratio, or searched for --flops-target)"),
         Step("plan", _plan, "turn the choice into tensor slices and attribute/constant rewrites"),
@@ -345,19 +416,29 @@ def default_steps(*, mode: str = "prune") -> list[Step]:
         return head + decide
     do = [
         Step("snapshot", _snapshot, "keep the canonical model on disk; make seeded inputs and run it in ONNX Runtime"),
+        Step("check-upgrade", _check_upgrade, "an input upgraded from opset 7–10: its outputs and the upgraded model's match in ONNX Runtime",
+             when=lambda s: o(s).verify == "full" and _upgraded_from(s) is not None,
+             skip_reason=lambda s: f"--verify {o(s).verify}" if o(s).verify != "full" else "runs only for an input upgraded from opset 7–10"),
+        Step("compensate", compensate_mod.compensate_step, "repair the consumers of removed channels on a copy (least squares on the moments, bias absorption)",
+             when=comp, skip_reason=lambda s: "--compensate none"),
         Step("prune", _prune, "surgery on a copy: slice every planned tensor, rewrite attributes and shape constants"),
         Step("measure", _measure, "FLOPs/params of the pruned model"),
         Step("check", _check, "ONNX checker (full check) on the pruned model",
              when=lambda s: o(s).verify != "none", skip_reason=lambda s: "--verify none"),
         Step("oracle", _oracle, "mask-equivalence oracle in ONNX Runtime (names the failing group)",
              when=lambda s: o(s).verify == "full", skip_reason=lambda s: f"--verify {o(s).verify}"),
+        Step("error", compensate_mod.error_step, "output error against the original: plain pruning vs compensated",
+             when=lambda s: comp(s) and _needs_ort(s) and s.feeds is not None, skip_reason=lambda s: "--compensate none" if not comp(s) else "no ONNX Runtime run"),
         Step("benchmark", _benchmark, "ORT latency of the input and the pruned model, side by side",
              when=lambda s: o(s).benchmark, skip_reason=lambda s: "--no-bench"),
+        Step("restore-opset", _restore_opset, "--keep-opset: convert the output back to the input's opset 7–10 (checked in ONNX Runtime)",
+             when=lambda s: o(s).keep_opset and _upgraded_from(s) is not None,
+             skip_reason=lambda s: "runs only for an input upgraded from opset 7–10" if o(s).keep_opset else "no --keep-opset"),
         Step("report", _report, "params, FLOPs, groups, oracle, latency, timings"),
         Step("save", _save, "write the model and the report atomically",
              when=lambda s: s.output_path is not None or s.report_path is not None, skip_reason=lambda s: "no output path (Python API: result.save)"),
     ]
-    middle = [Step("check-plan", _check_plan, "the plan was made for this model (sha256)")] if mode == "apply" else decide
+    middle = [Step("check-plan", _check_plan, "the plan was made for this model (sha256)"), statistics] if mode == "apply" else decide
     return head + middle + do
 
 
@@ -476,7 +557,7 @@ def _make_report(s: State) -> Report:
     return Report(
         input=s.source_desc,
         output=None,
-        options=s.options.plan_options() | {"verify": s.options.verify, **s.notes},
+        options=s.options.plan_options() | {"verify": s.options.verify, "compensate": s.options.compensate, **s.notes},
         params_before=before.params,
         params_after=after.params,
         flops_before=before.flops,
@@ -496,7 +577,8 @@ def _make_report(s: State) -> Report:
         latency_significant=lat.significant if lat else None,
         timings={},
         spa_version=__version__,
-        notes=model_notes(s.analysis.model),  # meta is not saved: the snapshot's copy has none
+        notes=model_notes(s.analysis.model),
+        compensation=s.compensation_report or (s.compensation.summary() if s.compensation is not None else None),  # meta is not saved: the snapshot's copy has none
         warnings=warnings,
     )
 

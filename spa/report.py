@@ -46,6 +46,9 @@ class Report:
     notes: list[str] = dataclasses.field(default_factory=list)
     #: Things that look wrong for what was asked (nothing pruned, a target not reached …).
     warnings: list[str] = dataclasses.field(default_factory=list)
+    #: --compensate: what was repaired where, predicted errors per group, and the measured
+    #: output error against the original before (plain pruning) and after compensation.
+    compensation: dict[str, Any] | None = None
 
     @property
     def speedup(self) -> float | None:

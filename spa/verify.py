@@ -52,13 +52,6 @@ logger = logging.getLogger(__name__)
 RTOL = 1e-4
 ATOL = 1e-5
 
-_NP_OF_TYPE = {
-    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
-    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
-    "tensor(bool)": np.bool_,
-}
-
-
 @dataclasses.dataclass
 class OracleResult:
     max_abs_diff: float
@@ -133,27 +126,24 @@ def run(sess, feeds: Mapping[str, np.ndarray], *, pruned: bool = False) -> list[
 def make_inputs(
     sess, shapes: Mapping[str, Sequence[int]] | None = None, seed: int = 0, values: Mapping[str, float] | None = None
 ) -> dict[str, np.ndarray]:
-    """Seeded random inputs; symbolic dims are 1 on axis 0 and 64 elsewhere unless given
-    (64: divisible by the strides of detection nets, long enough for most sequences)."""
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    shapes = shapes or {}
-    for inp in sess.get_inputs():
-        if inp.name in shapes:
-            shape = list(shapes[inp.name])
-        else:
-            shape = [d if isinstance(d, int) and d >= 0 else (1 if i == 0 else 64) for i, d in enumerate(inp.shape)]
-        t = inp.type
-        dtype = _NP_OF_TYPE.get(t)
-        if dtype is None:
-            raise UsageError(f"cannot generate a value for input '{inp.name}' of type {t}")
-        if values and inp.name in values:
-            feeds[inp.name] = np.full(shape, values[inp.name], dtype=dtype)
-        elif np.issubdtype(dtype, np.floating):
-            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
-        else:  # ids, masks, flags: small non-negative integers are valid for all of them
-            feeds[inp.name] = rng.integers(0, 2, shape).astype(dtype)
-    return feeds
+    """Seeded random inputs for an ORT session's inputs: :mod:`spa.inputs` decides every size
+    (``resolve_input_shapes``: one value per symbol, 1 when first seen on axis 0 and 64
+    elsewhere, given shapes checked) and draws the values (``make_feeds``)."""
+    from spa.inputs import make_feeds, resolve_input_shapes
+
+    ort_inputs = sess.get_inputs()
+    graph = ir.Graph(
+        inputs=[ir.Value(name=i.name, shape=_ort_shape(i.shape)) for i in ort_inputs], outputs=[], nodes=[], name="inputs"
+    )
+    resolved = resolve_input_shapes(graph, shapes)
+    return make_feeds({i.name: i.type for i in ort_inputs}, resolved, seed, values)
+
+
+def _ort_shape(dims) -> ir.Shape | None:
+    """ORT's ``NodeArg.shape`` (ints, symbol strings, None) as an ``ir.Shape``."""
+    if dims is None:
+        return None
+    return ir.Shape([d if isinstance(d, int) and d >= 0 else (d if isinstance(d, str) and d else None) for d in dims])
 
 
 def _masked(array: np.ndarray, edit, zero: tuple[np.ndarray, int] | None = None) -> np.ndarray:

@@ -160,6 +160,88 @@ def test_downgrade_returns_none_where_it_cannot(caplog: pytest.LogCaptureFixture
     assert "Gelu" in caplog.text
 
 
+def test_verification_checks_the_upgrade(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An upgraded input is compared with the file as given (check_upgrade), and the report says so."""
+    proto = _two_convs(9, ir_version=4)
+    result = spa.prune(proto, ratio=0.5, benchmark=False)
+    check = result.report.options["upgrade_check"]
+    assert check["from_opset"] == 9 and check["to_opset"] == upgrade_opset.TARGET_OPSET
+    assert 0 <= check["max_abs_diff"] <= 1e-6
+    assert any("upgrade was checked in ONNX Runtime" in n for n in result.report.notes)
+    # Not upgraded, or no ORT verification: no check.
+    assert "upgrade_check" not in spa.prune(_two_convs(13, ir_version=7), ratio=0.5, benchmark=False).report.options
+    assert "upgrade_check" not in spa.prune(proto, ratio=0.5, benchmark=False, verify="check").report.options
+
+    def changed(original, upgraded_path, feeds):
+        raise UnsupportedError("the opset upgrade changed the outputs: 'y' differs by 1")
+
+    monkeypatch.setattr(upgrade_opset, "check_upgrade", changed)
+    with pytest.raises(UnsupportedError, match="the opset upgrade changed the outputs"):
+        spa.prune(proto, ratio=0.5, benchmark=False)
+
+
+@pytest.mark.parametrize("source", ["proto", "path"])
+def test_keep_opset_writes_the_input_opset(tmp_path: pathlib.Path, source: str) -> None:
+    proto = _two_convs(9, ir_version=3, weights_as_inputs=True)
+    src = proto
+    if source == "path":
+        src = tmp_path / "in.onnx"
+        onnx.save(proto, src)
+    result = spa.prune(src, ratio=0.5, benchmark=False, keep_opset=True)
+    assert result.model.opset_imports[""] == 9
+    assert any("written back at the input's opset 9" in n for n in result.report.notes)
+    assert not result.report.warnings
+    out = result.save(tmp_path / "out.onnx")
+    saved = onnx.load(out)
+    assert upgrade_opset.default_opset(saved) == 9
+    onnx.checker.check_model(saved, full_check=True)
+    # It runs in ORT and gives the outputs of the pruned model at the upgraded opset.
+    upgraded = spa.prune(src, ratio=0.5, benchmark=False)
+    assert upgraded.model.opset_imports[""] == upgrade_opset.TARGET_OPSET
+    up_path, feeds, (y13,) = _ort(upgraded.model, tmp_path, "up")
+    _, _, (y9,) = _ort(saved, tmp_path, "back", feeds)
+    np.testing.assert_allclose(y9, y13, rtol=1e-5, atol=1e-6)
+    assert [w.shape for w in (y9,)] == [(1, 4, 8, 8)]
+
+
+def test_keep_opset_warns_and_keeps_the_upgrade_where_it_cannot(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
+    monkeypatch.setattr(upgrade_opset, "downgrade_or_reason", lambda proto, opset: (None, "no adapter for Foo"))
+    result = spa.prune(_two_convs(9, ir_version=4), ratio=0.5, benchmark=False, keep_opset=True)
+    assert result.model.opset_imports[""] == upgrade_opset.TARGET_OPSET
+    assert any("--keep-opset" in w and "no adapter for Foo" in w for w in result.report.warnings)
+    assert result.report.oracle["passed"]
+
+
+def test_keep_opset_checks_the_result_in_ort(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
+    """A converted model ORT cannot load (or that gives other outputs) is not written."""
+    real = verify.session
+
+    def session(path, threads=0, *, pruned=False):
+        if pathlib.Path(path).parent.name.startswith("spa-opset-"):
+            raise spa.VerificationError("ONNX Runtime cannot load the pruned model: test")
+        return real(path, threads, pruned=pruned)
+
+    monkeypatch.setattr(verify, "session", session)
+    result = spa.prune(_two_convs(9, ir_version=4), ratio=0.5, benchmark=False, keep_opset=True)
+    assert result.model.opset_imports[""] == upgrade_opset.TARGET_OPSET
+    assert any("--keep-opset" in w and "cannot load" in w for w in result.report.warnings)
+
+
+def test_save_model_at_an_opset(tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture) -> None:
+    model = io.load_model(_two_convs(13, ir_version=7))
+    out = io.save_model(model, tmp_path / "m9.onnx", opset=9)
+    assert upgrade_opset.default_opset(onnx.load(out)) == 9
+    assert model.opset_imports[""] == 13  # the model itself is not changed
+    gelu = helper.make_model(
+        helper.make_graph([helper.make_node("Gelu", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])]),
+        opset_imports=[helper.make_opsetid("", 20)])
+    out = io.save_model(ir.from_proto(gelu), tmp_path / "gelu.onnx", opset=9)
+    assert upgrade_opset.default_opset(onnx.load(out)) == 20
+    assert "written at opset 20, not 9" in caplog.text
+
+
 # ---------------------------------------------------------------------------------------------
 # initializers that are also graph inputs
 # ---------------------------------------------------------------------------------------------
@@ -196,6 +278,12 @@ def test_keep_weight_inputs_freezes_their_channels() -> None:
     assert groups and not any(g.prunable for g in groups)
     reasons = " ".join(r.reason for g in groups for r in g.reasons)
     assert "graph input" in reasons
+    # A plain code with its message, on every channel group (each has its weight as a source).
+    from spa.rules.base import BlockCode
+
+    candidates = [g for g in groups if g.has_source]
+    assert candidates and all(BlockCode.WEIGHT_INPUT in {r.code for r in g.reasons} for g in candidates)
+    assert all("--keep-weight-inputs" in r.reason for g in candidates for r in g.reasons if r.code is BlockCode.WEIGHT_INPUT)
 
 
 def test_keep_weight_inputs_in_prune() -> None:
@@ -204,6 +292,10 @@ def test_keep_weight_inputs_in_prune() -> None:
     result = spa.prune(proto, ratio=0.5, keep_weight_inputs=True, benchmark=False)
     assert result.report.groups_pruned == 0
     assert len(result.model.graph.inputs) == 8
+    # The report lists the frozen groups with the reason (not "the model has no channel groups").
+    assert result.report.groups_total >= 1 and result.report.groups_blocked == result.report.groups_total
+    assert {r["code"] for b in result.report.blocked for r in b["reasons"]} >= {"weight_input"}
+    assert any("weight_input" in w for w in result.report.warnings)
 
 
 def test_weight_inputs_pass_leaves_outputs_alone() -> None:

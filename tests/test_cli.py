@@ -114,10 +114,40 @@ def test_plan_then_apply_equals_prune(demo: pathlib.Path, tmp_path: pathlib.Path
     for t in data["tensors"]:
         for ax in t["axes"]:
             assert ax["kept"] == sorted(ax["kept"])
+    assert data["tensors"], "the plan slices nothing: the comparison below would prove nothing"
+    assert any(len(ax["kept"]) < t["shape"][ax["axis"]] for t in data["tensors"] for ax in t["axes"])
     a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
     assert run("apply", str(demo), str(plan), "-o", str(a), "--quiet").returncode == 0
     assert run("prune", str(demo), "--ratio", "0.3", "-o", str(b), "--no-bench", "--quiet").returncode == 0
     assert a.read_bytes() == b.read_bytes()
+
+
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (lambda d: d["groups"][0].pop("removed"), "groups[0].removed is missing"),
+        (lambda d: d["options"].update(ratio=1.5), "options.ratio must be a number in [0, 1)"),
+        (lambda d: d["options"].update(speed=3), "options.speed is not a plan option"),
+        (lambda d: d.update(version=99), "version 99 is not supported"),
+        (lambda d: d["tensors"][0]["axes"][0].update(kept="all"), "tensors[0].axes[0].kept must be a list"),
+        (None, "is not JSON"),
+    ],
+    ids=["missing-key", "bad-option", "unknown-option", "version", "wrong-type", "not-json"],
+)
+def test_a_bad_plan_file_is_one_line_naming_the_field(demo: pathlib.Path, tmp_path: pathlib.Path, edit, field: str) -> None:
+    plan = tmp_path / "plan.json"
+    assert run("plan", str(demo), "-o", str(plan)).returncode == 0
+    if edit is None:
+        plan.write_text("{ not json")
+    else:
+        data = json.loads(plan.read_text())
+        edit(data)
+        plan.write_text(json.dumps(data))
+    out = tmp_path / "x.onnx"
+    proc = run("apply", str(demo), str(plan), "-o", str(out))
+    assert_refused(proc)
+    assert field in proc.stderr and str(plan) in proc.stderr
+    assert not out.exists()
 
 
 def test_apply_refuses_another_model(demo: pathlib.Path, tmp_path: pathlib.Path) -> None:
@@ -351,3 +381,43 @@ def test_allow_inexact_never_says_exact(zoo_onnx, tmp_path: pathlib.Path) -> Non
     assert proc.returncode == 0, proc.stderr
     assert "not a proof" in proc.stdout
     assert not re.search(r"\bexact\b", proc.stdout), proc.stdout
+
+
+def _weights_as_inputs(opset: int, ir_version: int) -> onnx.ModelProto:
+    """Conv → Relu → Conv whose initializers are also listed as graph inputs: ORT warns about
+    each one ("Initializer w1 appears in graph inputs …") whenever it loads such a model."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("w1", (8, 3, 3, 3)), ("b1", (8,)), ("w2", (4, 8, 3, 3)))]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["y"], pads=[1, 1, 1, 1])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])]
+    inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version)
+
+
+@pytest.mark.parametrize("opset, ir_version, flags", [(13, 8, ["--keep-weight-inputs"]), (9, 4, ["--keep-weight-inputs", "--keep-opset"])],
+                         ids=["opset13", "opset9-upgraded"])
+def test_ort_log_lines_never_reach_the_terminal(tmp_path: pathlib.Path, capfd: pytest.CaptureFixture, opset, ir_version, flags) -> None:
+    import onnxruntime as ort
+
+    path = tmp_path / "w.onnx"
+    onnx.save(_weights_as_inputs(opset, ir_version), path)
+    ort.set_default_logger_severity(2)  # ORT's own default (warnings shown); earlier tests may have raised it
+    try:
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        ort.InferenceSession(_weights_as_inputs(13, 8).SerializeToString(), providers=["CPUExecutionProvider"])
+        plain = capfd.readouterr()
+        assert "onnxruntime" in plain.err, "the model no longer makes ORT warn: this test proves nothing"
+        proc = run("prune", str(path), "-o", str(tmp_path / "o.onnx"), *flags)  # checker, oracle, benchmark: every session
+        seen = capfd.readouterr()
+    finally:
+        ort.set_default_logger_severity(3)
+    assert proc.returncode == 0, proc.stderr
+    terminal = "\n".join((seen.out, seen.err, proc.stdout, proc.stderr))
+    assert "onnxruntime" not in terminal and "[W:" not in terminal and "[E:" not in terminal, terminal

@@ -99,6 +99,26 @@ def test_make_feeds_is_the_verify_random_stream():
         make_feeds(model, shapes, values={"sr": 16000})
 
 
+def test_verify_make_inputs_is_spa_inputs():
+    """One implementation: the verification feeds are resolved by spa.inputs (one value per
+    symbol on every input; a name that is no input refused), whatever session they come from."""
+    proto = _two_inputs()
+    model = _ir(proto)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    for given in ({}, {"b": [1, 8]}):
+        feeds = verify.make_inputs(sess, given, seed=3)
+        want = make_feeds(model, resolve_input_shapes(model, given), seed=3)
+        assert list(feeds) == list(want) == ["a", "b", "ids"]
+        for k in want:
+            assert feeds[k].dtype == want[k].dtype and np.array_equal(feeds[k], want[k])
+        sess.run(None, feeds)  # the symbol 'batch' has one value: ORT runs it
+    assert verify.make_inputs(sess)["b"].shape == (1, 1)  # not [1, 64]: batch is 1 everywhere
+    with pytest.raises(UsageError, match="'nope', not inputs of the model"):
+        verify.make_inputs(sess, {"nope": [1, 4]})
+    with pytest.raises(UsageError, match="--input-value names 'sr'"):
+        verify.make_inputs(sess, values={"sr": 1.0})
+
+
 def _computed_pad(clip: bool) -> onnx.ModelProto:
     """x [N, C, H, W] → Pad to a multiple of 8 (pads from Shape arithmetic) → Conv."""
     inits = [

@@ -95,9 +95,10 @@ def test_timing_covers_a_failing_step() -> None:
 
 def test_default_pipeline_order_is_the_documented_one() -> None:
     names = [s.name for s in default_steps(mode="prune")]
-    assert names == ["load", "canonicalize", "analyze", "score", "allocate", "plan", "snapshot", "prune",
-                     "measure", "check", "oracle", "benchmark", "report", "save"]
-    assert [s.name for s in default_steps(mode="plan")] == names[:6]
+    assert names == ["load", "canonicalize", "analyze", "statistics", "score", "allocate", "plan", "snapshot",
+                     "check-upgrade", "compensate", "prune", "measure", "check", "oracle", "error", "benchmark",
+                     "restore-opset", "report", "save"]
+    assert [s.name for s in default_steps(mode="plan")] == names[:7]
     assert "check-plan" in [s.name for s in default_steps(mode="apply")]
 
 
@@ -154,3 +155,14 @@ def test_report_round_trips() -> None:
     lo, hi = report.latency_p10_p90_ms[0]
     assert lo <= report.latency_ms_before <= hi
     assert np.isfinite(report.latency_ms_after)
+
+
+def test_the_readme_lists_every_step_in_order() -> None:
+    """README's step table (the ``--explain`` list) names every step of the pipeline, in order."""
+    import re
+
+    text = (REPO / "README.md").read_text()
+    section = text.split("### The steps", 1)[1].split("\n## ", 1)[0]
+    listed = re.findall(r"^\| `([a-z-]+)` \|", section, flags=re.M)
+    assert listed == [s.name for s in default_steps(mode="prune")]
+    assert "docs/consumer-view.md" in section

@@ -27,7 +27,7 @@ import scipy.sparse
 import scipy.sparse.csgraph
 
 from spa.graph import all_initializers, default_opset, is_constant, subgraphs
-from spa.rules.base import Blocked, BlockCode, ChannelRule, CouplingContext, Dim, Role, Tie
+from spa.rules.base import Blocked, BlockCode, ChannelRule, CouplingContext, Dim, Role, Tie, is_weight_input
 from spa.rules.registry import RuleKey, get_rule, resolve_rules
 
 __all__ = ["Group", "ChannelGraph", "analyze_channels", "is_constant"]  # is_constant: re-exported from spa.graph
@@ -141,9 +141,17 @@ def analyze_channels(
     order: dict[Dim, int] = {}
 
     for io_value in (*graph.inputs, *graph.outputs):
-        blocks.append(
-            (io_value.name, None, Blocked(BlockCode.GRAPH_IO, f"'{io_value.name}' is a graph input or output: its shape is the model's interface", None, io_value.name))
-        )
+        if is_weight_input(io_value) and not io_value.is_graph_output():
+            why = Blocked(
+                BlockCode.WEIGHT_INPUT,
+                f"weight '{io_value.name}' is also a graph input, kept overridable (--keep-weight-inputs): "
+                "a caller may feed another tensor, so its shape is the model's interface",
+                None,
+                io_value.name,
+            )
+        else:
+            why = Blocked(BlockCode.GRAPH_IO, f"'{io_value.name}' is a graph input or output: its shape is the model's interface", None, io_value.name)
+        blocks.append((io_value.name, None, why))
     # Subgraph bodies are walked like the main graph (a value an inner node reads is mapped by
     # that node's rule). What crosses a body's own inputs/outputs is frozen, unless the op's
     # rule maps it (``owns_subgraphs``: If ties each branch output to its own output).

@@ -7,6 +7,6 @@ in through the same `Criterion` interface with the extra inputs they declare in 
 from __future__ import annotations
 
 from spa.criteria.base import CRITERIA, Criterion, CriterionInputs, get_criterion, score_groups
-from spa.criteria import magnitude, rand  # noqa: F401  (registration)
+from spa.criteria import bn, fpgm, magnitude, rand, statistics  # noqa: F401  (registration)
 
 __all__ = ["CRITERIA", "Criterion", "CriterionInputs", "get_criterion", "score_groups"]

@@ -5,7 +5,8 @@ of a unit is the *mean* over the weight members that contain it of the sum of th
 scores over the unit's channels, then divided by the group's mean so that groups of
 different layers compare in a global ranking (Torch-Pruning's defaults: reduction mean,
 normalizer mean). Criteria that need more than weights (gradients, activations) declare it in
-``needs`` and receive it through :class:`CriterionInputs`.
+``needs`` and receive it through :class:`CriterionInputs`; a criterion that scores a whole
+group at once (``obs``: the output error left after compensation) overrides ``group_scores``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -36,6 +37,12 @@ class CriterionInputs:
     seed: int = 0
     gradients: Mapping[str, np.ndarray] | None = None
     activations: Mapping[str, np.ndarray] | None = None
+    #: The analysed model (``bn`` reads which weights are BatchNorm scales).
+    model: Any = None
+    #: The consumer view and the moments of the activations consumers read (the pipeline's
+    #: ``statistics`` step): ``activation`` and ``obs`` need them.
+    consumers: Any = None
+    moments: Mapping[str, Any] | None = None
 
 
 class Criterion(abc.ABC):
@@ -63,6 +70,11 @@ class Criterion(abc.ABC):
         mean = score.mean() if score.size else 0.0
         return score / mean if mean > 0 else score
 
+    def score_all(self, groups: list[Group], inputs: CriterionInputs) -> dict[str, np.ndarray]:
+        """Scores of the prunable ones of ``groups`` (all of the analysis, in order: the index
+        seeds ``random``) keyed by id. Override to relate groups to each other."""
+        return {g.id: self.group_scores(g, inputs, i) for i, g in enumerate(groups) if g.prunable}
+
 
 CRITERIA: dict[str, Criterion] = {}
 
@@ -81,7 +93,7 @@ def get_criterion(name: str) -> Criterion:
 
 def score_groups(cg: ChannelGraph, criterion: Criterion, inputs: CriterionInputs) -> dict[str, np.ndarray]:
     """Scores of every prunable group's units, keyed by group id."""
-    missing = criterion.needs - {k for k in ("gradients", "activations") if getattr(inputs, k) is not None}
+    missing = criterion.needs - {k for k in ("gradients", "activations", "model", "consumers", "moments") if getattr(inputs, k) is not None}
     if missing:
         raise UnsupportedError(f"criterion '{criterion.name}' needs {', '.join(sorted(missing))}, which were not given")
-    return {g.id: criterion.group_scores(g, inputs, i) for i, g in enumerate(cg.groups) if g.prunable}
+    return criterion.score_all(cg.groups, inputs)

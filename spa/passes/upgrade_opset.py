@@ -38,7 +38,7 @@ import onnx_ir as ir
 from spa.errors import UnsupportedError
 from spa.graph import add_note
 
-__all__ = ["TARGET_OPSET", "UPGRADABLE_OPSETS", "UPGRADED_FROM_KEY", "upgrade", "check_upgrade", "downgrade"]
+__all__ = ["TARGET_OPSET", "UPGRADABLE_OPSETS", "UPGRADED_FROM_KEY", "upgrade", "check_upgrade", "downgrade", "downgrade_or_reason"]
 
 logger = logging.getLogger(__name__)
 
@@ -210,20 +210,27 @@ def downgrade(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto | None:
     upgraded opset. The caller should still compare outputs (``check_upgrade(result_path,
     pruned_path, feeds)``): the checker proves the result valid, not equivalent.
     """
+    back, why = downgrade_or_reason(proto, opset)
+    if back is None:
+        logger.warning("cannot write opset %d (keeping opset %s): %s", opset, default_opset(proto), why)
+    return back
+
+
+def downgrade_or_reason(proto: onnx.ModelProto, opset: int) -> tuple[onnx.ModelProto | None, str | None]:
+    """:func:`downgrade`, with the reason instead of a log line: ``(model, None)`` or ``(None, why)``."""
     current = default_opset(proto)
     if current is None or current == opset:
-        return proto
+        return proto, None
     try:
         back = onnx.version_converter.convert_version(proto, opset)
         onnx.checker.check_model(back, full_check=True)
-        return back
+        return back, None
     except Exception as exc:  # noqa: BLE001
         first = _converter_failure(exc, proto, current, opset)
     try:
-        return _relabel(proto, opset)
+        return _relabel(proto, opset), None
     except _CannotDowngrade as exc:
-        logger.warning("cannot write opset %d (keeping opset %s): %s; %s", opset, current, first, exc)
-        return None
+        return None, f"{first}; {exc}"
 
 
 class _CannotDowngrade(Exception):

@@ -74,6 +74,7 @@ __all__ = [
     "LOOK_THROUGH",
     "look_through",
     "register_look_through",
+    "is_weight_input",
     "register",
     "register_rule",
     "get_rule",
@@ -108,6 +109,9 @@ class BlockCode(str, enum.Enum):
     SUBGRAPH = "subgraph"
     NON_CONSTANT_WEIGHT = "non_constant_weight"
     INDIVISIBLE = "indivisible"
+    #: An initializer that is also a graph input, kept overridable (``--keep-weight-inputs``):
+    #: a caller may feed another tensor of the same shape, so its channels are the interface.
+    WEIGHT_INPUT = "weight_input"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +222,13 @@ def register_look_through(op_type: str, *, domain: str = "", perm: Callable[[ir.
     LOOK_THROUGH[(canonical_domain(domain), op_type)] = LookThrough(perm)
 
 
+def is_weight_input(value: ir.Value | None) -> bool:
+    """An initializer that is also a graph input (the IR<4 convention, kept by
+    ``--keep-weight-inputs``): a weight to the rules (it gives its group a source, so the
+    report lists the group), but overridable, so the analysis freezes it (WEIGHT_INPUT)."""
+    return value is not None and value.is_initializer() and value.is_graph_input()
+
+
 def _normalize_axis(axis: int, rank: int) -> int:
     if not -rank <= axis < rank:
         raise IndexError(f"axis {axis} out of range for rank {rank}")
@@ -300,10 +311,11 @@ class CouplingContext:
         """The constant initializer axis behind a weight axis, seen through the ops exporters
         put between a weight and its consumer (:data:`LOOK_THROUGH`: DequantizeLinear in QDQ
         models, Cast, Identity, and Transpose — a torch Linear exported without constant
-        folding reads ``Transpose(W)``; the axis is permuted back)."""
+        folding reads ``Transpose(W)``; the axis is permuted back). An overridable
+        initializer (:func:`is_weight_input`) is a weight here too; the analysis freezes it."""
         depth = 0
         while value is not None and depth < 8:
-            if self.is_constant(value):
+            if self.is_constant(value) or is_weight_input(value):
                 return value, axis % max(1, len(value.shape))
             src = value.producer()
             through = None if src is None else look_through(src)

@@ -9,10 +9,13 @@ from __future__ import annotations
 import pathlib
 
 import numpy as np
+import onnx
 import pytest
 
 import spa
-from spa.rules.base import BlockCode
+from spa.passes.manager import PassManager
+from spa.pipeline import PruneOptions, State, default_steps
+from spa.rules.base import BlockCode, Dim
 
 from ._graphs import group_codes, group_of, model
 
@@ -160,6 +163,23 @@ def _unsupported_attribute():
     )
 
 
+def _weight_input():
+    # An old (IR<4) file lists its initializers as graph inputs too; --keep-weight-inputs keeps
+    # them overridable, so the conv weight is the model's interface.
+    proto = model(
+        """
+        g (float[1,3,6,6] x) => (float[1,4,6,6] y) {
+          a = Conv <pads=[1,1,1,1]> (x, w1, b1)
+          r = Relu(a)
+          y = Conv <pads=[1,1,1,1]> (r, w2, b2)
+        }""",
+        **_CONVS,
+    )
+    w1 = next(t for t in proto.graph.initializer if t.name == "w1")
+    proto.graph.input.append(onnx.helper.make_tensor_value_info("w1", w1.data_type, list(w1.dims)))
+    return proto
+
+
 TRIGGERS = {
     BlockCode.NO_RULE: _no_rule,
     BlockCode.GRAPH_IO: _graph_io,
@@ -171,7 +191,11 @@ TRIGGERS = {
     BlockCode.NON_CONSTANT_WEIGHT: _non_constant_weight,
     BlockCode.INDIVISIBLE: _indivisible,
     BlockCode.UNSUPPORTED_ATTRIBUTE: _unsupported_attribute,
+    BlockCode.WEIGHT_INPUT: _weight_input,
 }
+
+#: Options a trigger needs (the default canonicalization would make w1 a plain weight again).
+TRIGGER_OPTIONS: dict[BlockCode, dict] = {BlockCode.WEIGHT_INPUT: {"keep_weight_inputs": True}}
 
 #: Codes that no rule or analysis emits yet. A code that starts being emitted must move to
 #: TRIGGERS with a graph that triggers it (``test_unemitted_codes_are_really_unused``).
@@ -199,11 +223,27 @@ def test_emitted_codes_match_the_sources():
 @pytest.mark.parametrize("code", list(TRIGGERS), ids=lambda c: c.value)
 def test_code_is_reported(code):
     m = TRIGGERS[code]()
-    g = group_of(m, "a", 1)
-    assert code in group_codes(m, "a", 1)
+    options = TRIGGER_OPTIONS.get(code, {})
+    g = _analysis(m, **options).channels.group_of(Dim("a", 1)) if options else group_of(m, "a", 1)
+    assert g is not None
+    assert code in {r.code for r in g.reasons}
     assert g.has_source and g.n_free == 0, "a's channels must be frozen"
     # The pipeline agrees: nothing of w1 is sliced, and the report names the code.
-    res = spa.prune(m, ratio=0.5, benchmark=False)
+    res = spa.prune(m, ratio=0.5, benchmark=False, **options)
     assert res.model.graph.initializers["w1"].shape[0] == g.n_units
     reported = {r["code"] for b in res.report.blocked if "w1" in b["layers"] for r in b["reasons"]}
     assert code.value in reported
+
+
+def _analysis(proto, **options):
+    """``spa.analyze`` with pipeline options (load → canonicalize → analyze)."""
+    state = State(source=proto, options=PruneOptions(**options))
+    PassManager(default_steps(mode="plan")[:3]).run(state)
+    return state.analysis
+
+
+def test_weight_input_is_graph_io_without_keep():
+    """Without --keep-weight-inputs the same file prunes: w1 is a weight, not an input."""
+    res = spa.prune(_weight_input(), ratio=0.5, benchmark=False)
+    assert res.model.graph.initializers["w1"].shape[0] == 4
+    assert [v.name for v in res.model.graph.inputs] == ["x"]

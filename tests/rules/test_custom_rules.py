@@ -221,3 +221,75 @@ def test_installed_entry_points_load_once(monkeypatch: pytest.MonkeyPatch) -> No
     registry.get_rule("", "Relu")
     registry.registered_ops()
     assert calls == [1]
+
+
+# -- spa.prune(..., rules=[...]): the whole pipeline with a custom op ------------------------
+#
+# ``com.microsoft::FusedMatMul`` (``Y = alpha · A @ B``) is an op ONNX Runtime runs and spa has
+# no rule for: unlike a model-local function, canonicalization cannot inline it away, so the
+# analysis meets the op itself and only a per-call rule can open its channels.
+
+_FUSED_TEXT = """
+<ir_version: 10, opset_import: ["" : 17, "com.microsoft" : 1]>
+g (float[2,8] x) => (float[2,4] y) {
+  h = MatMul (x, w1)
+  r = Relu (h)
+  y = com.microsoft.FusedMatMul <alpha=1.0> (r, w2)
+}
+"""
+
+
+class FusedMatMulRule(NoRewrite):
+    """``Y[M, N] = A[M, K] @ B[K, N]`` with B a weight (no transposes)."""
+
+    op_types = ("FusedMatMul",)
+    domain = "com.microsoft"
+
+    def couplings(self, node: ir.Node, ctx: CouplingContext) -> None:
+        a, b, y = ctx.input(0), ctx.input(1), ctx.output(0)
+        if ctx.attr("transA", 0) or ctx.attr("transB", 0) or ctx.rank(a) != 2 or ctx.rank(b) != 2 or not ctx.is_weight(b):
+            return  # every axis unmentioned: frozen, which is safe
+        ctx.tie(a, 0, y, 0)
+        ctx.tie(a, 1, b, 0)
+        ctx.weight(b, 0, Role.IN)
+        ctx.tie(b, 1, y, 1)
+        ctx.weight(b, 1, Role.OUT)
+
+
+def _fused_proto() -> onnx.ModelProto:
+    proto = onnx.parser.parse_model(_FUSED_TEXT)
+    rng = np.random.default_rng(0)
+    for name, shape in {"w1": (8, 16), "w2": (16, 4)}.items():
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name))
+    return proto
+
+
+def test_spa_prune_without_the_rule_prunes_nothing() -> None:
+    import spa
+
+    result = spa.prune(_fused_proto(), ratio=0.5, benchmark=False)
+    assert result.plan.empty
+    assert BlockCode.NO_RULE.value in {b["code"] for g in result.report.blocked for b in g["reasons"]}
+
+
+@pytest.mark.parametrize("rules", [[FusedMatMulRule()], {"com.microsoft::FusedMatMul": FusedMatMulRule}], ids=["list", "mapping"])
+def test_spa_prune_takes_per_call_rules(rules) -> None:
+    import spa
+
+    result = spa.prune(_fused_proto(), ratio=0.5, benchmark=False, rules=rules)
+    edits = {t.name: t for t in result.plan.tensors}
+    assert set(edits) == {"w1", "w2"}
+    assert len(edits["w1"].kept[1]) == 8 and len(edits["w2"].kept[0]) == 8
+    assert result.report.oracle["passed"] and result.report.oracle["asserted"]
+    assert list(result.model.graph.initializers["w2"].const_value.shape) == [8, 4]
+    # the plan replays with the same rules; the rules are not a plan option
+    assert "rules" not in result.plan.options
+    again = spa.apply(_fused_proto(), result.plan, benchmark=False, rules=rules)
+    assert again.plan.tensors == result.plan.tensors and again.report.oracle["passed"]
+
+
+def test_spa_prune_refuses_a_rule_that_is_not_one() -> None:
+    import spa
+
+    with pytest.raises(UsageError, match="no op_types"):
+        spa.prune(_fused_proto(), ratio=0.5, benchmark=False, rules=[_NoOps()])

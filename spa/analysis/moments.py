@@ -1,0 +1,312 @@
+"""First and second moments of the activations that consumers read (METHODS.md §3.4, §5).
+
+Compensation (``spa.compensation``) and the compensation-aware criterion need, for every
+activation tensor ``x`` a consumer reads along a channel axis, ``E[x]`` (per channel) and
+``E[x xᵀ]`` (channels × channels), averaged over samples *and* positions. Three sources, all
+giving a :class:`Moments`:
+
+- :func:`collect`: ONNX Runtime runs the model with the activations exposed as extra outputs
+  on calibration feeds; sums are accumulated in float64 one batch at a time, so memory is
+  bounded by the layers' widths (C×C per tensor), never by the number of samples.
+- :func:`bn_proxy`: no data. If ``x = f(BatchNorm(z))`` channel by channel, the BN output is
+  taken as ``N(β, γ²)`` per channel (the normalisation the network was trained with), pushed
+  through ``f`` (and max/average pooling) on a fine Gaussian quadrature grid; channels are taken as independent, so
+  ``E[x xᵀ] = diag(Var) + μμᵀ``. With that H the least-squares update of the kept columns is
+  zero and compensation reduces to absorbing the removed channels' mean into the bias (§4.1).
+- synthetic feeds (``collect`` on seeded standard-normal inputs): the documented fallback for
+  activations that no BatchNorm precedes (a BN folded into its conv at export).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from spa.graph import all_initializers
+
+__all__ = ["Moments", "collect", "bn_proxy", "activation_function", "MAX_POSITIONS"]
+
+#: Positions (batch × spatial) sampled per tensor per batch: E[x xᵀ] converges long before
+#: a 56×56 map's 3136 positions, and C×C×positions is the cost of a batch.
+MAX_POSITIONS = 1024
+
+
+@dataclasses.dataclass
+class Moments:
+    """Per-channel moments of one activation along one axis."""
+
+    mean: np.ndarray  # [C]
+    second: np.ndarray  # [C, C]  E[x xᵀ]
+    abs_mean: np.ndarray  # [C]  E[|x|] (the ``activation`` criterion)
+    count: int  # positions averaged
+    source: str  # calibration | bn-proxy | synthetic
+
+    @property
+    def variance(self) -> np.ndarray:
+        return np.maximum(np.diag(self.second) - self.mean**2, 0.0)
+
+
+class _Accumulator:
+    def __init__(self, channels: int) -> None:
+        self.s1 = np.zeros(channels)
+        self.s2 = np.zeros((channels, channels))
+        self.sa = np.zeros(channels)
+        self.n = 0
+
+    def add(self, x: np.ndarray) -> None:  # x: [C, positions]
+        x = x.astype(np.float64, copy=False)
+        self.s1 += x.sum(axis=1)
+        self.s2 += x @ x.T
+        self.sa += np.abs(x).sum(axis=1)
+        self.n += x.shape[1]
+
+    def moments(self, source: str) -> Moments:
+        n = max(self.n, 1)
+        return Moments(self.s1 / n, self.s2 / n, self.sa / n, self.n, source)
+
+
+def _positions(array: np.ndarray, axis: int, rng: np.random.Generator) -> np.ndarray:
+    """The activation as [C, positions], at most MAX_POSITIONS positions (seeded sample)."""
+    x = np.moveaxis(np.asarray(array), axis, 0).reshape(array.shape[axis], -1)
+    if x.shape[1] > MAX_POSITIONS:
+        x = x[:, np.sort(rng.choice(x.shape[1], MAX_POSITIONS, replace=False))]
+    return x
+
+
+def collect(
+    model: ir.Model,
+    tensors: Mapping[str, int],
+    feeds: Iterable[Mapping[str, np.ndarray]],
+    *,
+    path: Any,
+    max_samples: int | None = None,
+    source: str = "calibration",
+    seed: int = 0,
+) -> tuple[dict[str, Moments], int]:
+    """Moments of ``tensors`` (name → channel axis) over ``feeds`` run by ONNX Runtime.
+
+    ``path`` is a scratch file for the copy of ``model`` with the tensors exposed as outputs.
+    A sample is one feed's batch entry; feeding stops after ``max_samples`` of them.
+    Returns the moments and the number of samples used.
+    """
+    import onnx
+
+    from spa import verify
+
+    proto = ir.to_proto(model)
+    have = {o.name for o in proto.graph.output}
+    for name in tensors:
+        if name not in have:
+            proto.graph.output.append(onnx.ValueInfoProto(name=name))
+    onnx.save(proto, str(path))
+    del proto
+    sess = verify.session(path)
+    names = list(tensors)
+    accs: dict[str, _Accumulator] = {}
+    rng = np.random.default_rng(seed)
+    samples = 0
+    for feed in feeds:
+        if max_samples is not None and samples >= max_samples:
+            break
+        outs = sess.run(names, dict(feed))
+        for name, out in zip(names, outs):
+            out = np.asarray(out)
+            if out.dtype.kind != "f" or out.ndim == 0:
+                continue
+            axis = tensors[name] % out.ndim
+            acc = accs.setdefault(name, _Accumulator(out.shape[axis]))
+            acc.add(_positions(out, axis, rng))
+        first = next(iter(feed.values()), None)
+        samples += int(first.shape[0]) if first is not None and np.ndim(first) else 1
+    return {n: a.moments(source) for n, a in accs.items()}, samples
+
+
+# ------------------------------------------------------------------------------------------
+# The BatchNorm proxy (no data)
+
+def _hardsigmoid(alpha: float, beta: float) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda u: np.clip(alpha * u + beta, 0.0, 1.0)
+
+
+def activation_function(node: ir.Node) -> Callable[[np.ndarray], np.ndarray] | None:
+    """``f`` of a one-input element-wise activation node (None: not one the proxy knows)."""
+    op = node.op_type
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    a = {k: v.value for k, v in node.attributes.items()}
+    if op == "Relu":
+        return lambda u: np.maximum(u, 0.0)
+    if op == "LeakyRelu":
+        s = float(a.get("alpha", 0.01))
+        return lambda u: np.where(u > 0, u, s * u)
+    if op == "Sigmoid":
+        return lambda u: 1.0 / (1.0 + np.exp(-u))
+    if op == "Tanh":
+        return np.tanh
+    if op == "HardSigmoid":
+        return _hardsigmoid(float(a.get("alpha", 0.2)), float(a.get("beta", 0.5)))
+    if op == "HardSwish":
+        return lambda u: u * np.clip(u / 6.0 + 0.5, 0.0, 1.0)
+    if op == "Elu":
+        s = float(a.get("alpha", 1.0))
+        return lambda u: np.where(u > 0, u, s * (np.exp(np.minimum(u, 0)) - 1))
+    if op == "Gelu":
+        from scipy.special import erf
+
+        return lambda u: 0.5 * u * (1 + erf(u / math.sqrt(2)))
+    if op == "Clip":
+        lo, hi = _clip_bounds(node)
+        if lo is None and hi is None:
+            return None
+        return lambda u: np.clip(u, -np.inf if lo is None else lo, np.inf if hi is None else hi)
+    if op == "Identity":
+        return lambda u: u
+    return None
+
+
+def _clip_bounds(node: ir.Node) -> tuple[float | None, float | None]:
+    if "min" in node.attributes or "max" in node.attributes:  # opset < 11
+        lo = node.attributes.get("min")
+        hi = node.attributes.get("max")
+        return (None if lo is None else float(lo.value)), (None if hi is None else float(hi.value))
+    bounds = []
+    for k in (1, 2):
+        v = node.inputs[k] if len(node.inputs) > k else None
+        if v is None:
+            bounds.append(None)
+        elif v.const_value is None:
+            return None, None
+        else:
+            bounds.append(float(v.const_value.numpy().reshape(-1)[0]))
+    return bounds[0], bounds[1]
+
+
+def _silu_tail(mul: ir.Node, x: ir.Value) -> bool:
+    """``mul`` computes x·Sigmoid(x) (SiLU/Swish as exported)."""
+    if mul.op_type != "Mul" or len(mul.inputs) != 2 or x not in mul.inputs:
+        return False
+    other = mul.inputs[1] if mul.inputs[0] is x else mul.inputs[0]
+    prod = other.producer() if other is not None else None
+    return prod is not None and prod.op_type == "Sigmoid" and prod.inputs[0] is x
+
+
+def _bn_params(node: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:
+    """(β, γ) of a BatchNormalization with constant parameters (inference form)."""
+    if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 3:
+        return None
+    scale, bias = node.inputs[1], node.inputs[2]
+    if scale is None or bias is None or scale.const_value is None or bias.const_value is None:
+        return None
+    return bias.const_value.numpy().astype(np.float64).reshape(-1), scale.const_value.numpy().astype(np.float64).reshape(-1)
+
+
+_GRID = np.linspace(-8.0, 8.0, 1601)
+_GRID_W = np.exp(-0.5 * _GRID**2)
+_GRID_W = _GRID_W / _GRID_W.sum()
+
+
+def _pool_size(node: ir.Node) -> int | None:
+    ks = node.attributes.get("kernel_shape")
+    if ks is None:
+        return None
+    return int(np.prod([int(k) for k in ks.value]))
+
+
+def _spatial(value: ir.Value | None) -> int | None:
+    if value is None or value.shape is None or len(value.shape) < 3:
+        return None
+    dims = list(value.shape)[2:]
+    return int(np.prod(dims)) if all(isinstance(d, int) for d in dims) else None
+
+
+def bn_proxy(value: ir.Value, axis: int) -> Moments | None:
+    """Data-free moments of ``value`` along ``axis`` when it is computed channel by channel
+    from a BatchNormalization: ``BN → [activation] → [MaxPool] → [Global/AveragePool] →
+    [Flatten]`` (each bracket optional; SiLU as ``x·Sigmoid(x)``).
+
+    The BN output is ``N(β, γ²)`` per channel, represented on a fine grid; an activation maps
+    the grid, a max pool of ``n`` taps takes the max of ``n`` independent draws (CDFⁿ), an
+    average pool of ``n`` positions keeps the mean and divides the variance by ``n``
+    (independent positions: the spread is underestimated, the mean — what bias absorption
+    uses — is exact). None for any other chain: the caller then uses another source.
+    """
+    if value.shape is None or axis % max(len(value.shape), 1) != 1:
+        return None
+    chain: list[tuple[str, Any]] = []
+    node = value.producer()
+    if node is not None and node.op_type in ("Flatten", "Reshape", "Squeeze"):
+        src = node.inputs[0]
+        if _spatial(src) != 1:
+            return None  # only [N, C, 1, 1] → [N, C] keeps channel c at index c
+        node = src.producer()
+    if node is not None and node.op_type in ("GlobalAveragePool", "AveragePool"):
+        n = _spatial(node.inputs[0]) if node.op_type == "GlobalAveragePool" else _pool_size(node)
+        if n is None:
+            return None
+        chain.append(("avg", n))
+        node = node.inputs[0].producer()
+    if node is not None and node.op_type == "MaxPool":
+        n = _pool_size(node)
+        if n is None:
+            return None
+        chain.append(("max", n))
+        node = node.inputs[0].producer()
+    if node is None:
+        return None
+    g = activation_function(node)
+    if g is not None and node.op_type != "Identity":
+        chain.append(("f", g))
+        node = node.inputs[0].producer() if node.inputs[0] is not None else None
+    elif node.op_type == "Mul" and any(i is not None and i.producer() is not None and _silu_tail(node, i) for i in node.inputs):
+        x = next(i for i in node.inputs if i is not None and i.producer() is not None and i.producer().op_type != "Sigmoid")
+        chain.append(("f", lambda u: u / (1.0 + np.exp(-u))))
+        node = x.producer()
+    if node is None:
+        return None
+    params = _bn_params(node)
+    if params is None:
+        return None
+    beta, gamma = params
+    values = beta[:, None] + np.abs(gamma)[:, None] * _GRID[None, :]  # [C, points]
+    weights = np.broadcast_to(_GRID_W, values.shape).copy()
+    avg = 1
+    for kind, arg in reversed(chain):  # from the BN forward
+        if kind == "f":
+            values = arg(values)
+        elif kind == "max":
+            order = np.argsort(values, axis=1)
+            values = np.take_along_axis(values, order, axis=1)
+            cdf = np.cumsum(np.take_along_axis(weights, order, axis=1), axis=1)
+            cdf = np.minimum(cdf / cdf[:, -1:], 1.0) ** arg
+            weights = np.diff(cdf, axis=1, prepend=0.0)
+        else:
+            avg = arg
+    mean = (values * weights).sum(1)
+    second = (values**2 * weights).sum(1)
+    abs_mean = (np.abs(values) * weights).sum(1)
+    if avg > 1:
+        second = mean**2 + (second - mean**2) / avg
+        abs_mean = np.abs(mean)  # the mean of many positions hardly changes sign
+    full = np.outer(mean, mean)
+    np.fill_diagonal(full, second)
+    return Moments(mean, full, abs_mean, 0, "bn-proxy")
+
+
+def consumer_tensors(model: ir.Model, names: Iterable[tuple[str, int]]) -> dict[str, ir.Value]:
+    """The IR values of the named activations (graph inputs, node outputs; not initializers)."""
+    wanted = {n for n, _ in names}
+    found: dict[str, ir.Value] = {}
+    inits = all_initializers(model.graph)
+    for v in model.graph.inputs:
+        if v.name in wanted and v.name not in inits:
+            found[v.name] = v
+    for node in model.graph:
+        for v in node.outputs:
+            if v.name in wanted:
+                found[v.name] = v
+    return found

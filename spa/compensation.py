@@ -1,0 +1,283 @@
+"""Compensation: repair the consumers of removed channels without fine-tuning (METHODS §3–§5).
+
+For a consumer ``y = W x + b`` whose input channels ``S`` are removed and ``K`` kept, the
+removed channels are predicted from the kept ones and a constant, ``x_S ≈ Bᵀ [x_K; 1]``, by
+ridge least squares on the moments ``E[x]``, ``E[x xᵀ]`` of the consumer's input
+(:mod:`spa.analysis.moments`)::
+
+    B = ([[H_KK + λ·mean(diag H_KK)·I, μ_K], [μ_Kᵀ, 1]])⁻¹ · [[H_KS], [μ_Sᵀ]]
+    W'_K = W_K + W_S · B_Kᵀ          b' = b + W_S · b₀          W'_S = 0
+
+— the least-squares form of the OBS update (§3.1) with the bias as a column that is never
+removed, and, with data-free BatchNorm moments (independent channels), exactly the mean shift
+of §4.1 (``B_K = 0``, ``b₀ = μ_S``). Statistics are per *channel* (C×C, shared by a conv's
+kH·kW taps: the UDFC/LBYL form, exact for 1×1 convs, Gemm and MatMul); each tap's columns get
+the same update.
+
+The edits are made on a copy of the canonical input model (the *reference*), before surgery:
+surgery then slices the compensated weights, and the mask oracle proves the pruned model
+equals the reference with the removed slices zeroed — the proof is unchanged. Where a
+consumer has no bias one is created (Conv ``B``, Gemm ``C``) and added to the plan, so
+surgery slices it with the consumer's rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from spa.analysis.consumers import Consumer, ConsumerView
+from spa.analysis.moments import Moments
+from spa.graph import all_initializers
+from spa.planning import Plan, TensorEdit
+
+__all__ = ["DAMP", "Fix", "Compensation", "ridge_predictor", "compensate_model", "removed_columns", "consumer_refusal"]
+
+#: Ridge damping, relative to the mean of diag(H_KK) (SparseGPT/OBC use 1 %).
+DAMP = 0.01
+
+_KINDS = ("conv", "gemm", "matmul")
+
+
+@dataclasses.dataclass
+class Fix:
+    """What compensation did (or why not) at one consumer weight."""
+
+    node: str
+    weight: str
+    groups: list[str]
+    removed: int
+    kept: int
+    source: str | None = None
+    bias: str | None = None  # bias written (existing or created)
+    bias_created: bool = False
+    #: Predicted output error per position, relative to the output's energy (channel-level stats).
+    error_before: float | None = None
+    error_after: float | None = None
+    skipped: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Compensation:
+    fixes: list[Fix]
+    #: Plan edits for biases compensation created (sliced with their consumer's rows).
+    new_edits: list[TensorEdit]
+
+    def per_group(self) -> dict[str, dict[str, float]]:
+        """Predicted relative error before/after, summed over each group's fixed consumers."""
+        out: dict[str, dict[str, float]] = {}
+        for f in self.fixes:
+            if f.error_before is None:
+                continue
+            for g in f.groups:
+                e = out.setdefault(g, {"before": 0.0, "after": 0.0})
+                e["before"] += f.error_before
+                e["after"] += f.error_after or 0.0
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        done = [f for f in self.fixes if f.skipped is None]
+        skipped: dict[str, int] = {}
+        for f in self.fixes:
+            if f.skipped:
+                skipped[f.skipped] = skipped.get(f.skipped, 0) + 1
+        sources: dict[str, int] = {}
+        for f in done:
+            sources[f.source or "?"] = sources.get(f.source or "?", 0) + 1
+        return {
+            "consumers_compensated": len(done),
+            "biases_created": sum(f.bias_created for f in done),
+            "statistics": sources,
+            "skipped": skipped,
+            "per_group_predicted": self.per_group(),
+            "consumers": [f.to_json() for f in self.fixes],
+        }
+
+
+def ridge_predictor(m: Moments, keep: np.ndarray, drop: np.ndarray, *, damp: float = DAMP, with_bias: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(B_K [|K|, |S|], b₀ [|S|], residual second moment of x_S [|S|, |S|]).
+
+    ``x_S ≈ B_Kᵀ x_K + b₀`` minimises E‖x_S − prediction‖² with a ridge term on B_K.
+    Dead kept channels (zero second moment) get a unit diagonal so the system stays regular.
+    """
+    H = m.second
+    hkk = H[np.ix_(keep, keep)].copy()
+    diag = np.diag(hkk).copy()
+    dead = diag <= 1e-12 * max(float(diag.max(initial=0.0)), 1e-30)
+    scale = float(diag[~dead].mean()) if (~dead).any() else 1.0
+    hkk[np.diag_indices_from(hkk)] += damp * scale
+    hkk[dead, dead] = np.maximum(hkk[dead, dead], scale)
+    hks = H[np.ix_(keep, drop)]
+    k = len(keep)
+    if with_bias:
+        G = np.empty((k + 1, k + 1))
+        G[:k, :k] = hkk
+        G[:k, k] = G[k, :k] = m.mean[keep]
+        G[k, k] = 1.0 + damp  # keeps G regular when x_K's mean spans the constant
+        R = np.vstack([hks, m.mean[drop][None, :]])
+    else:
+        G, R = hkk, hks
+    try:
+        sol = np.linalg.solve(G, R)
+    except np.linalg.LinAlgError:
+        sol = np.linalg.lstsq(G, R, rcond=None)[0]
+    if not np.isfinite(sol).all():
+        sol = np.zeros_like(R)
+    BK = sol[:k]
+    b0 = sol[k] if with_bias else np.zeros(len(drop))
+    residual = H[np.ix_(drop, drop)] - R.T @ sol
+    return BK, b0, residual
+
+
+def removed_columns(consumers: list[Consumer], removed: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Ascending weight indices along the consumers' axis that the plan removes."""
+    cols = [c.columns_of(int(u)) for c in consumers for u in removed.get(c.group, ())]
+    return np.unique(np.concatenate(cols)) if cols else np.zeros(0, dtype=np.int64)
+
+
+def consumer_refusal(c: Consumer) -> str | None:
+    """Why this consumer's layout is outside what the per-channel update handles."""
+    if c.kind not in _KINDS:
+        return f"{c.kind} consumer"
+    if c.weight_path:
+        return "weight read through " + "→".join(c.weight_path_ops)
+    if c.out_axis is None or c.activation is None:
+        return "no [rows, columns] form"
+    if c.activation_size != c.weight_shape[c.axis] or not np.array_equal(c.channel, c.column):
+        return "columns are not the activation's channels one to one"
+    return None
+
+
+def compensate_model(
+    model: ir.Model,
+    plan: Plan,
+    view: ConsumerView,
+    moments: Mapping[str, Moments],
+    *,
+    damp: float = DAMP,
+) -> Compensation:
+    """Edit ``model`` (a copy of the analysed model) so the consumers make up for the removed
+    channels; removed columns are zeroed. Returns what was done and the plan edits for
+    created biases. Weights read by more than one node are left alone (an edit would change
+    the other reader)."""
+    removed = {g.id: np.asarray(g.removed, dtype=np.int64) for g in plan.groups if g.removed}
+    inits = all_initializers(model.graph)
+    edits = {e.name: e for e in plan.tensors}
+    by_key: dict[tuple[str, str], list[Consumer]] = {}
+    for c in view:
+        if c.group in removed:
+            by_key.setdefault((c.node, c.weight), []).append(c)
+    nodes = {n.name: n for n in model.graph.all_nodes()}
+    fixes: list[Fix] = []
+    new_edits: list[TensorEdit] = []
+    for (node_name, weight_name), cs in by_key.items():
+        c = cs[0]
+        drop = removed_columns(cs, removed)
+        fix = Fix(node_name, weight_name, sorted({x.group for x in cs}), len(drop), c.weight_shape[c.axis] - len(drop))
+        fixes.append(fix)
+        if not len(drop):
+            fix.skipped = "nothing removed here"
+            continue
+        reason = consumer_refusal(c) or next((consumer_refusal(x) for x in cs[1:] if consumer_refusal(x)), None)
+        value = inits.get(weight_name)
+        if reason is None and (value is None or value.const_value is None):
+            reason = "weight is not an initializer"
+        if reason is None and len(list(value.uses())) != 1:
+            reason = "weight shared by several nodes"
+        m = moments.get(c.activation)
+        if reason is None and (m is None or m.mean.shape[0] != c.activation_size):
+            reason = "no statistics for its input"
+        if reason is None and not (np.isfinite(m.second).all() and np.isfinite(m.mean).all()):
+            reason = "statistics hold NaN/inf"
+        if reason is not None:
+            fix.skipped = reason
+            continue
+        node = nodes[node_name]
+        bias_target = _bias_target(c, node, model, inits)
+        keep = np.setdiff1d(np.arange(c.activation_size), drop)
+        BK, b0, residual = ridge_predictor(m, keep, drop, damp=damp, with_bias=bias_target is not None)
+        W = value.const_value.numpy()
+        M = c.as_matrix(W).astype(np.float64)
+        r = c.receptive
+        delta = np.zeros(M.shape[0])
+        before = after = total = 0.0
+        H = m.second
+        for t in range(r):
+            ks, ss = keep * r + t, drop * r + t
+            WS = M[:, ss]
+            before += float(np.einsum("ij,jk,ik->", WS, H[np.ix_(drop, drop)], WS))
+            after += float(np.einsum("ij,jk,ik->", WS, residual, WS))
+            Wt = M[:, np.arange(c.activation_size) * r + t]
+            total += float(np.einsum("ij,jk,ik->", Wt, H, Wt))
+            M[:, ks] += WS @ BK.T
+            delta += WS @ b0
+            M[:, ss] = 0.0
+        new = c.from_matrix(M).astype(W.dtype)
+        if not np.isfinite(new).all():
+            fix.skipped = "update not finite"
+            continue
+        value.const_value = ir.tensor(new, name=weight_name)
+        fix.source = m.source
+        fix.error_before = before / max(total, 1e-30)
+        fix.error_after = max(after, 0.0) / max(total, 1e-30)
+        if bias_target is not None:
+            name, created = bias_target(delta * (c.weight_scale / c.bias_scale))
+            fix.bias, fix.bias_created = name, created
+            if created and weight_name in edits and c.out_axis in edits[weight_name].kept:
+                rows = edits[weight_name].kept[c.out_axis]
+                new_edits.append(TensorEdit(name=name, shape=[M.shape[0]], kept={0: list(rows)}, roles={0: ["out"]}))
+    return Compensation(fixes, new_edits)
+
+
+def _bias_target(c: Consumer, node: ir.Node, model: ir.Model, inits: Mapping[str, ir.Value]):
+    """A function adding a delta to the consumer's per-row bias (creating one if the op has an
+    optional bias input), returning (bias name, created); None where no bias can be had."""
+    if c.bias is not None:
+        value = inits.get(c.bias)
+        if value is None or value.const_value is None or len(list(value.uses())) != 1:
+            return None
+        if c.bias_scale == 0:
+            return None
+
+        def add(delta: np.ndarray, value=value) -> tuple[str, bool]:
+            b = value.const_value.numpy()
+            shape = b.shape
+            flat = b.reshape(-1).astype(np.float64) + delta
+            value.const_value = ir.tensor(flat.reshape(shape).astype(b.dtype), name=value.name)
+            return value.name, False
+
+        return add
+    if node.op_type not in ("Conv", "Gemm"):
+        return None
+    if node.op_type == "Gemm":
+        beta = node.attributes.get("beta")
+        if beta is not None and float(beta.value) == 0.0:
+            return None
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            return None  # a C that is not a per-row bias
+    elif len(node.inputs) > 2 and node.inputs[2] is not None:
+        return None
+
+    def create(delta: np.ndarray) -> tuple[str, bool]:
+        W = inits[c.weight].const_value
+        dtype = W.dtype.numpy()
+        name = f"{node.name}.spa_bias"
+        taken = set(inits)
+        k = 1
+        while name in taken:
+            name, k = f"{node.name}.spa_bias{k}", k + 1
+        value = ir.Value(name=name, shape=ir.Shape([len(delta)]), type=ir.TensorType(W.dtype), const_value=ir.tensor(delta.astype(dtype), name=name))
+        model.graph.register_initializer(value)
+        if len(node.inputs) < 3:
+            node.resize_inputs(3)
+        node.replace_input_with(2, value)
+        return name, True
+
+    return create

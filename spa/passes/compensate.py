@@ -1,0 +1,134 @@
+"""The compensation stage of the pipeline: statistics → compensate → output error.
+
+Three steps over the pipeline's ``State`` (``spa.pipeline``), each small:
+
+- :func:`statistics_step` (after *analyze*): the consumer view of the analysed model and the
+  moments of every activation a consumer reads — from ``--calibration`` data, or without data
+  from BatchNorm statistics, with seeded synthetic inputs for activations no BatchNorm
+  precedes. The compensation-aware and activation criteria read them too.
+- :func:`compensate_step` (after *snapshot*, before *prune*): a copy of the canonical model
+  with the consumers repaired (``spa.compensation``) becomes the *reference* that surgery
+  slices and the mask oracle proves against.
+- :func:`error_step` (after *oracle*): the measured output error of plain pruning and of the
+  compensated pruned model against the original, on the verification inputs and on up to
+  ``ERROR_SAMPLES`` calibration samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from spa import io
+from spa import verify as verify_mod
+from spa.analysis.consumers import consumer_view
+from spa.analysis.moments import Moments, bn_proxy, collect, consumer_tensors
+from spa.calibration import open_calibration
+from spa.compensation import compensate_model
+from spa.errors import UsageError
+from spa.inputs import make_feeds, resolve_input_shapes
+
+if TYPE_CHECKING:  # pragma: no cover
+    from spa.pipeline import State
+
+__all__ = ["COMPENSATE", "SYNTHETIC_SAMPLES", "ERROR_SAMPLES", "statistics_step", "compensate_step", "error_step", "needs_statistics"]
+
+COMPENSATE = ("none", "data-free", "calibration")
+#: Seeded standard-normal feeds for the data-free fallback (activations without BatchNorm).
+SYNTHETIC_SAMPLES = 16
+#: Calibration samples the output error is also measured on.
+ERROR_SAMPLES = 16
+
+
+def needs_statistics(s: State) -> bool:
+    from spa.criteria import get_criterion
+
+    return s.options.compensate != "none" or "moments" in get_criterion(s.options.criterion).needs
+
+
+def statistics_step(s: State) -> bool:
+    o = s.options
+    model = s.analysis.model
+    s.consumers = consumer_view(s.analysis)
+    wanted = {c.activation: c.activation_axis for c in s.consumers if c.activation is not None}
+    calib = open_calibration(o.calibration, model, o.calibration_samples)
+    if o.compensate == "calibration" and calib is None:
+        raise UsageError("--compensate calibration needs --calibration DATA (a .npz, a folder of .npy files, or feeds from Python)")
+    s.calibration = calib
+    moments: dict[str, Moments] = {}
+    used = 0
+    if calib is not None and o.compensate != "data-free":
+        moments, used = collect(model, wanted, calib, path=s.scratch("statistics"), max_samples=o.calibration_samples, seed=o.seed)
+    else:
+        values = consumer_tensors(model, wanted.items())
+        for name, axis in wanted.items():
+            v = values.get(name)
+            m = bn_proxy(v, axis) if v is not None else None
+            if m is not None:
+                moments[name] = m
+        rest = {n: a for n, a in wanted.items() if n not in moments}
+        if rest:
+            shapes = resolve_input_shapes(model, o.input_shapes)
+            feeds = (make_feeds(model, shapes, seed=o.seed + 1 + k, values=o.input_values) for k in range(SYNTHETIC_SAMPLES))
+            found, used = collect(model, rest, feeds, path=s.scratch("statistics"), source="synthetic", seed=o.seed)
+            moments.update(found)
+    s.moments = moments
+    sources: dict[str, int] = {}
+    for m in moments.values():
+        sources[m.source] = sources.get(m.source, 0) + 1
+    s.notes["statistics"] = {"tensors": len(wanted), "by_source": sources, "samples": used}
+    return False
+
+
+def compensate_step(s: State) -> bool:
+    reference = io.load_model(s.snapshot_path)
+    result = compensate_model(reference, s.plan, s.consumers, s.moments, damp=s.options.damp)
+    s.compensation = result
+    if result.new_edits:
+        s.surgery_plan = dataclasses.replace(s.plan, tensors=[*s.plan.tensors, *result.new_edits])
+    s.reference_path = s.scratch("compensated")
+    io.save_model(reference, s.reference_path, durable=False)
+    return True
+
+
+def _relative_error(ref: list[np.ndarray], got: list[np.ndarray]) -> float:
+    num = den = 0.0
+    for r, g in zip(ref, got):
+        r = np.asarray(r, dtype=np.float64)
+        g = np.asarray(g, dtype=np.float64)
+        if r.dtype.kind != "f" or r.shape != g.shape:
+            continue
+        num += float(np.sum((r - g) ** 2))
+        den += float(np.sum(r**2))
+    return float(np.sqrt(num / den)) if den > 0 else float(np.sqrt(num))
+
+
+def error_step(s: State) -> bool:
+    """Relative L2 output error ‖y − y₀‖/‖y₀‖ of plain pruning (the original with the removed
+    slices zeroed) and of the compensated pruned model, against the original."""
+    plain = io.load_model(s.snapshot_path)
+    verify_mod.mask_model(plain, s.plan)
+    plain_path = s.scratch("plain-masked")
+    io.save_model(plain, plain_path, durable=False)
+    del plain
+    sessions = [verify_mod.session(p) for p in (s.snapshot_path, plain_path, s.pruned_path)]
+    sets: dict[str, list[dict[str, np.ndarray]]] = {"verification": [s.feeds]} if s.feeds else {}
+    if s.calibration is not None:
+        sets["calibration"] = list(itertools.islice(iter(s.calibration), ERROR_SAMPLES))
+    out: dict[str, Any] = {}
+    for label, feeds in sets.items():
+        before = after = 0.0
+        for feed in feeds:
+            y0, y1, y2 = (verify_mod.run(sess, feed) for sess in sessions)
+            before += _relative_error(y0, y1)
+            after += _relative_error(y0, y2)
+        n = max(len(feeds), 1)
+        out[label] = {"samples": len(feeds), "error_before": before / n, "error_after": after / n}
+    summary = s.compensation.summary()
+    summary["measured"] = out
+    summary["method"] = s.options.compensate
+    s.compensation_report = summary
+    return False

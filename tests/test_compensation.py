@@ -1,0 +1,315 @@
+"""Compensation (spa.compensation, spa.passes.compensate) and the statistics criteria.
+
+Numbers are checked against numpy least squares on samples and against ONNX Runtime runs of
+the models, never against hand-copied figures.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import tempfile
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+import spa
+from spa import verify
+from spa.analysis.moments import Moments, bn_proxy
+from spa.compensation import ridge_predictor
+from spa.criteria import CRITERIA, CriterionInputs
+from spa.criteria.fpgm import distance_sums
+from spa.errors import UsageError
+from tests.rules._graphs import model
+
+# X → Conv(W1, no bias) → Relu → Conv(W2, no bias, 3×3) → Relu → Conv(W3) → Y
+_CHAIN = """
+agraph (float[N, 4, 8, 8] X) => (float[N, 5, 8, 8] Y) {
+    a = Conv <kernel_shape = [1, 1]> (X, W1)
+    b = Relu (a)
+    c = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (b, W2)
+    d = Relu (c)
+    Y = Conv <kernel_shape = [1, 1]> (d, W3, B3)
+}
+"""
+
+
+_SHORT = """
+agraph (float[N, 4, 8, 8] X) => (float[N, 8, 8, 8] Y) {
+    a = Conv <kernel_shape = [1, 1]> (X, W1)
+    b = Relu (a)
+    Y = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (b, W2)
+}
+"""
+
+
+def _chain(duplicate: bool = True, dead: int | None = None, short: bool = False) -> onnx.ModelProto:
+    """Channels 4–7 of W1 are twice channels 0–3: after Relu the small ones are *exactly*
+    half the large ones, so l1 removes 0–3 and calibration can rebuild them. ``short``: only
+    W1's channels are prunable (W2's are the graph output)."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((8, 4, 1, 1)).astype(np.float32)
+    if duplicate:
+        w1[4:] = 2.0 * w1[:4]
+    if dead is not None:
+        w1[dead] = -np.abs(w1[dead]) - 0.1  # negative weights on positive inputs: always 0 after Relu
+    if short:
+        w2 = rng.standard_normal((8, 8, 3, 3)).astype(np.float32)
+        w2[:, :4] *= 0.3  # so that l1 certainly removes the small copies 0–3
+        return model(_SHORT, W1=w1, W2=w2)
+    return model(_CHAIN, W1=w1, W2=(8, 8, 3, 3), W3=(5, 8, 1, 1), B3=(5,))
+
+
+def _feeds(n: int, seed: int = 1, positive: bool = False) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        x = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
+        out.append({"X": np.abs(x) if positive else x})
+    return out
+
+
+def _error(original: onnx.ModelProto, pruned: ir.Model, feeds) -> float:
+    with tempfile.TemporaryDirectory() as d:
+        a, b = pathlib.Path(d) / "a.onnx", pathlib.Path(d) / "b.onnx"
+        onnx.save(original, a)
+        onnx.save(ir.to_proto(pruned), b)
+        sa, sb = verify.session(a), verify.session(b)
+        num = den = 0.0
+        for f in feeds:
+            y0, y1 = verify.run(sa, f)[0], verify.run(sb, f)[0]
+            num += float(((y0 - y1) ** 2).sum())
+            den += float((y0**2).sum())
+    return (num / den) ** 0.5
+
+
+# -- the least-squares core ------------------------------------------------------------------
+
+
+def test_ridge_predictor_is_least_squares_on_samples() -> None:
+    rng = np.random.default_rng(3)
+    A = rng.standard_normal((6, 6))
+    X = A @ rng.standard_normal((6, 5000)) + rng.standard_normal((6, 1))  # correlated, non-zero mean
+    m = Moments(X.mean(1), X @ X.T / X.shape[1], np.abs(X).mean(1), X.shape[1], "calibration")
+    keep, drop = np.array([0, 2, 3, 5]), np.array([1, 4])
+    BK, b0, residual = ridge_predictor(m, keep, drop, damp=0.0)
+    design = np.vstack([X[keep], np.ones((1, X.shape[1]))]).T
+    sol = np.linalg.lstsq(design, X[drop].T, rcond=None)[0]
+    # damp=0 still puts 1 on the constant's diagonal only as 1 + 0: the exact LS optimum
+    np.testing.assert_allclose(BK, sol[:-1], rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(b0, sol[-1], rtol=1e-6, atol=1e-8)
+    res = X[drop] - (sol[:-1].T @ X[keep] + sol[-1][:, None])
+    np.testing.assert_allclose(residual, res @ res.T / X.shape[1], rtol=1e-6, atol=1e-8)
+
+
+def test_independent_channels_reduce_to_mean_shift() -> None:
+    mean = np.array([0.5, 1.0, 2.0])
+    var = np.array([1.0, 0.25, 4.0])
+    second = np.outer(mean, mean) + np.diag(var)
+    BK, b0, _ = ridge_predictor(Moments(mean, second, mean, 0, "bn-proxy"), np.array([0, 2]), np.array([1]), damp=0.0)
+    np.testing.assert_allclose(BK, 0.0, atol=1e-12)
+    np.testing.assert_allclose(b0, [1.0], atol=1e-12)
+
+
+def test_bn_proxy_moments_match_monte_carlo() -> None:
+    proto = model(
+        """
+agraph (float[1, 3, 4, 4] X) => (float[1, 3, 4, 4] Y) {
+    a = BatchNormalization (X, S, B, M, V)
+    Y = Relu (a)
+}
+""",
+        S=np.array([1.0, -0.5, 2.0], np.float32),
+        B=np.array([0.3, -1.0, 0.0], np.float32),
+        M=np.zeros(3, np.float32),
+        V=np.ones(3, np.float32),
+    )
+    m_ir = ir.from_proto(proto)
+    y = m_ir.graph.outputs[0]
+    m = bn_proxy(y, 1)
+    assert m is not None and m.source == "bn-proxy"
+    rng = np.random.default_rng(0)
+    u = np.array([0.3, -1.0, 0.0])[:, None] + np.array([1.0, 0.5, 2.0])[:, None] * rng.standard_normal((3, 400_000))
+    x = np.maximum(u, 0)
+    np.testing.assert_allclose(m.mean, x.mean(1), rtol=0.02, atol=2e-3)
+    np.testing.assert_allclose(np.diag(m.second), (x**2).mean(1), rtol=0.02, atol=2e-3)
+    assert bn_proxy(m_ir.graph.node(0).inputs[0], 1) is None  # a graph input has no BN behind it
+
+
+# -- end to end ------------------------------------------------------------------------------
+
+
+def test_calibration_rebuilds_exactly_redundant_channels() -> None:
+    proto = _chain(short=True)
+    calib = _feeds(8)
+    plain = spa.prune(proto, ratio=0.5, benchmark=False)
+    comp = spa.prune(proto, ratio=0.5, benchmark=False, compensate="calibration", calibration=calib)
+    assert comp.report.oracle["passed"] and comp.report.oracle["asserted"]
+    test = _feeds(4, seed=9)
+    before, after = _error(proto, plain.model, test), _error(proto, comp.model, test)
+    assert before > 0.05
+    assert sorted(next(g for g in comp.plan.groups if g.removed).removed) == [0, 1, 2, 3]
+    assert after < 0.05 * before, (before, after)  # exact up to the 1 % ridge damping
+    tight = spa.prune(proto, ratio=0.5, benchmark=False, compensate="calibration", calibration=calib, damp=1e-7)
+    assert _error(proto, tight.model, test) < 1e-3 * before
+    c = comp.report.compensation
+    assert c["method"] == "calibration" and c["statistics"] == {"calibration": c["consumers_compensated"]}
+    measured = c["measured"]["calibration"]
+    assert measured["error_after"] < measured["error_before"]
+
+
+def test_created_bias_is_sliced_with_its_rows() -> None:
+    """W2 has no bias and its own rows are pruned too: the bias compensation creates must be
+    cut with them (else the model would not load) — the oracle proves it."""
+    proto = _chain(duplicate=False)
+    res = spa.prune(proto, ratio=0.5, benchmark=False, compensate="calibration", calibration=_feeds(8))
+    fixes = {f["node"]: f for f in res.report.compensation["consumers"]}
+    created = [f for f in fixes.values() if f["bias_created"]]
+    assert created, fixes
+    assert res.report.oracle["passed"]
+    inits = {v.name: v for v in res.model.graph.initializers.values()}
+    for f in created:
+        w2 = next(n for n in res.model.graph if n.name == f["node"]).inputs[1]
+        assert inits[f["bias"]].const_value.shape[0] == w2.shape[0] < 8
+
+
+def test_data_free_without_batchnorm_uses_synthetic_inputs_and_helps() -> None:
+    proto = _chain(short=True)
+    plain = spa.prune(proto, ratio=0.5, benchmark=False)
+    res = spa.prune(proto, ratio=0.5, benchmark=False, compensate="data-free")
+    assert set(res.report.options["statistics"]["by_source"]) == {"synthetic"}
+    test = _feeds(4, seed=5)  # the synthetic inputs' distribution: the fallback's best case
+    assert _error(proto, res.model, test) < 0.5 * _error(proto, plain.model, test)
+
+
+def test_dead_channels_give_finite_weights() -> None:
+    """A channel that is always 0 makes X·Xᵀ singular: damping keeps the solve regular."""
+    proto = _chain(duplicate=False, dead=6)
+    res = spa.prune(proto, ratio=0.5, benchmark=False, compensate="calibration", calibration=_feeds(8, positive=True))
+    for v in res.model.graph.initializers.values():
+        assert np.isfinite(v.const_value.numpy()).all(), v.name
+    assert res.report.oracle["passed"]
+
+
+@pytest.mark.parametrize(
+    "feeds, words",
+    [
+        ([{"Z": np.zeros((1, 4, 8, 8), np.float32)}], "not inputs of the model"),
+        ([{"X": np.zeros((1, 4, 8, 8), np.int64)}], "int64"),
+        ([{"X": np.zeros((1, 3, 8, 8), np.float32)}], "axis 1"),
+        ([{"X": np.full((1, 4, 8, 8), np.nan, np.float32)}], "NaN"),
+        ([], "no samples"),
+    ],
+)
+def test_bad_calibration_is_one_usage_error(feeds, words) -> None:
+    with pytest.raises(UsageError, match=words):
+        spa.prune(_chain(), ratio=0.5, benchmark=False, compensate="calibration", calibration=feeds)
+
+
+def test_calibration_files_and_cli(tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from spa.cli import cli
+
+    path = tmp_path / "m.onnx"
+    onnx.save(_chain(), path)
+    x = np.concatenate([f["X"] for f in _feeds(8)])
+    np.savez(tmp_path / "calib.npz", X=x)
+    folder = tmp_path / "npy"
+    folder.mkdir()
+    np.save(folder / "X.npy", x)
+    (tmp_path / "empty").mkdir()
+    runner = CliRunner()
+    for data in (tmp_path / "calib.npz", folder):
+        out = tmp_path / f"out-{data.name}.onnx"
+        r = runner.invoke(cli, ["prune", str(path), "--compensate", "calibration", "--calibration", str(data), "--no-bench", "-o", str(out), "--report", str(out) + ".json"])
+        assert r.exit_code == 0, r.output
+        assert out.exists()
+    r = runner.invoke(cli, ["prune", str(path), "--compensate", "calibration", "--calibration", str(tmp_path / "empty"), "-o", str(tmp_path / "x.onnx")])
+    assert r.exit_code == 2 and "no .npy files" in r.output and not (tmp_path / "x.onnx").exists()
+    r = runner.invoke(cli, ["prune", str(path), "--compensate", "calibration", "-o", str(tmp_path / "y.onnx")])
+    assert r.exit_code == 2 and "needs --calibration" in r.output
+
+
+# -- criteria --------------------------------------------------------------------------------
+
+
+def test_fpgm_distance_sums_by_hand() -> None:
+    w = np.array([[0.0, 0.0], [3.0, 4.0], [0.0, 1.0]])
+    np.testing.assert_allclose(distance_sums(w, 0), [5 + 1, 5 + np.sqrt(18), 1 + np.sqrt(18)])
+
+
+def test_bn_criterion_ranks_by_scale() -> None:
+    proto = model(
+        """
+agraph (float[1, 2, 4, 4] X) => (float[1, 3, 4, 4] Y) {
+    a = Conv <kernel_shape = [1, 1]> (X, W)
+    b = BatchNormalization (a, S, B, M, V)
+    c = Relu (b)
+    Y = Conv <kernel_shape = [1, 1]> (c, W2)
+}
+""",
+        W=(4, 2, 1, 1),
+        S=np.array([0.1, -3.0, 1.0, 0.5], np.float32),
+        B=np.zeros(4, np.float32),
+        M=np.zeros(4, np.float32),
+        V=np.ones(4, np.float32),
+        W2=(3, 4, 1, 1),
+    )
+    plan = spa.plan(proto, ratio=0.5, criterion="bn")
+    (g,) = [g for g in plan.groups if g.removed]
+    assert sorted(g.removed) == [0, 3]
+    np.testing.assert_allclose(np.array(g.scores) / np.mean(g.scores), np.array([0.1, 3.0, 1.0, 0.5]) / 1.15, rtol=1e-5)
+
+
+def test_obs_criterion_is_the_refit_error() -> None:
+    """obs of one channel = output error of the best refit without it (LS on the samples),
+    relative to the output energy."""
+    from spa.analysis.consumers import consumer_view
+    from spa.analysis.moments import collect
+    from spa.criteria.statistics import obs_unit_errors
+
+    proto = _chain(duplicate=False)
+    analysis = spa.analyze(proto)
+    view = consumer_view(analysis)
+    c = next(c for c in view if c.op_type == "Conv" and c.receptive == 1 and c.weight == "W3")
+    feeds = _feeds(4)
+
+    with tempfile.TemporaryDirectory() as d:
+        moments, _ = collect(analysis.model, {c.activation: 1}, feeds, path=pathlib.Path(d) / "s.onnx")
+        sess = verify.session(_save(analysis.model, pathlib.Path(d) / "m.onnx", c.activation))
+        X = np.concatenate([np.moveaxis(sess.run([c.activation], f)[0], 1, 0).reshape(8, -1) for f in feeds], axis=1)
+    m = moments[c.activation]
+    W = analysis.model.graph.initializers["W3"].const_value.numpy().reshape(5, 8).astype(np.float64)
+    errors = obs_unit_errors(c, m, analysis.model.graph.initializers["W3"].const_value.numpy(), 8, damp=1e-9)
+    total = float(((W @ X) ** 2).sum())
+    for ch in range(8):
+        keep = [k for k in range(8) if k != ch]
+        design = np.vstack([X[keep], np.ones((1, X.shape[1]))])
+        Y = W @ X
+        sol = np.linalg.lstsq(design.T, Y.T, rcond=None)[0]
+        refit = float(((Y - sol.T @ design) ** 2).sum())
+        assert errors[ch] == pytest.approx(refit / total, rel=1e-3, abs=1e-9)
+
+
+def _save(m: ir.Model, path, extra: str):
+    proto = ir.to_proto(m)
+    proto.graph.output.append(onnx.ValueInfoProto(name=extra))
+    onnx.save(proto, path)
+    return path
+
+
+def test_activation_criterion_reads_abs_means() -> None:
+    proto = _chain(duplicate=False)
+    analysis = spa.analyze(proto)
+    from spa.analysis.consumers import consumer_view
+
+    view = consumer_view(analysis)
+    c = next(c for c in view if c.weight == "W3")
+    abs_mean = np.arange(1.0, 9.0)
+    moments = {c.activation: Moments(abs_mean, np.eye(8), abs_mean, 1, "calibration")}
+    group = next(g for g in analysis.channels.groups if g.id == c.group)
+    inputs = CriterionInputs(weight=lambda n: analysis.model.graph.initializers[n].const_value.numpy(), consumers=view, moments=moments)
+    scores = CRITERIA["activation"].group_scores(group, inputs, 0)
+    np.testing.assert_allclose(scores[c.unit_of_column], abs_mean / abs_mean.mean())
