@@ -1,16 +1,18 @@
 """Compensation: repair the consumers of removed channels without fine-tuning (METHODS §3–§5).
 
-For a consumer ``y = W x + b`` whose input channels ``S`` are removed and ``K`` kept, the
-removed channels are predicted from the kept ones and a constant, ``x_S ≈ Bᵀ [x_K; 1]``, by
-ridge least squares on the moments ``E[x]``, ``E[x xᵀ]`` of the consumer's input
-(:mod:`spa.analysis.moments`)::
+For a consumer ``y = W x + b`` whose input channels ``S`` are removed and ``K`` kept, the kept
+columns and the bias are refitted by ridge least squares (:func:`refit`)::
 
-    B = ([[H_KK + λ·mean(diag H_KK)·I, μ_K], [μ_Kᵀ, 1]])⁻¹ · [[H_KS], [μ_Sᵀ]]
-    W'_K = W_K + W_S · B_Kᵀ          b' = b + W_S · b₀          W'_S = 0
+    min E‖W x − (W'_K x̂_K + β)‖²  →  [W'_K, β] = W·[E[x x̂_Kᵀ], E[x]] · G⁻¹,
+    G = [[E[x̂_K x̂_Kᵀ] + λ·mean(diag)·I, E[x̂_K]], [E[x̂_K]ᵀ, 1]]        b' = b + β,  W'_S = 0
 
-— the least-squares form of the OBS update (§3.1) with the bias as a column that is never
-removed, and, with data-free BatchNorm moments (independent channels), exactly the mean shift
-of §4.1 (``B_K = 0``, ``b₀ = μ_S``). Statistics are per *channel* (C×C, shared by a conv's
+where ``x`` is the consumer's input in the original model and ``x̂`` in the model being
+compensated. With ``x̂ = x`` (data-free, or every layer from the original's statistics) this is
+``W'_K = W_K + W_S·B_Kᵀ`` with ``x_S ≈ B_Kᵀ x_K + b₀`` — the least-squares form of the OBS
+update (§3.1) with the bias as a column that is never removed — and, with data-free BatchNorm
+moments (independent channels), exactly the mean shift of §4.1 (``B_K = 0``, ``β = W_S μ_S``).
+With calibration data, layers are refitted in topological order from ``x̂`` of the already
+repaired upstream (:func:`spa.passes.compensate.compensate_step`, as OBC/SparseGPT do). Statistics are per *channel* (C×C, shared by a conv's
 kH·kW taps: the UDFC/LBYL form, exact for 1×1 convs, Gemm and MatMul); each tap's columns get
 the same update.
 
@@ -31,11 +33,11 @@ import numpy as np
 import onnx_ir as ir
 
 from spa.analysis.consumers import Consumer, ConsumerView
-from spa.analysis.moments import Moments
+from spa.analysis.moments import Moments, PairMoments
 from spa.graph import all_initializers
 from spa.planning import Plan, TensorEdit
 
-__all__ = ["DAMP", "Fix", "Compensation", "ridge_predictor", "compensate_model", "removed_columns", "consumer_refusal"]
+__all__ = ["DAMP", "Fix", "Compensation", "PairMoments", "refit", "compensate_model", "removed_columns", "removed_units", "consumers_by_weight", "consumer_refusal"]
 
 #: Ridge damping, relative to the mean of diag(H_KK) (SparseGPT/OBC use 1 %).
 DAMP = 0.01
@@ -101,39 +103,62 @@ class Compensation:
         }
 
 
-def ridge_predictor(m: Moments, keep: np.ndarray, drop: np.ndarray, *, damp: float = DAMP, with_bias: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(B_K [|K|, |S|], b₀ [|S|], residual second moment of x_S [|S|, |S|]).
+def refit(W: np.ndarray, keep: np.ndarray, p: PairMoments, *, damp: float = DAMP, with_bias: bool = True) -> tuple[np.ndarray, np.ndarray, float, float, float]:
+    """Least-squares refit of one tap's columns: minimise E‖W x − (W'_K x̂_K + β)‖² + λ‖W'_K − W_K‖².
 
-    ``x_S ≈ B_Kᵀ x_K + b₀`` minimises E‖x_S − prediction‖² with a ridge term on B_K.
-    Dead kept channels (zero second moment) get a unit diagonal so the system stays regular.
+    ``W`` is [rows, C] (all input channels). Returns (W'_K [rows, |K|], β [rows] (zeros
+    without bias), error before (W_K unchanged, no β), error after, output energy E‖W x‖²),
+    the errors summed over rows. Ridge ``damp·mean(diag)`` on the kept channels; a dead kept
+    channel (zero second moment) gets a unit diagonal so the system stays regular.
     """
-    H = m.second
-    hkk = H[np.ix_(keep, keep)].copy()
-    diag = np.diag(hkk).copy()
+    k = len(keep)
+    A = p.second[np.ix_(keep, keep)]
+    diag = np.diag(A).copy()
     dead = diag <= 1e-12 * max(float(diag.max(initial=0.0)), 1e-30)
     scale = float(diag[~dead].mean()) if (~dead).any() else 1.0
-    hkk[np.diag_indices_from(hkk)] += damp * scale
-    hkk[dead, dead] = np.maximum(hkk[dead, dead], scale)
-    hks = H[np.ix_(keep, drop)]
-    k = len(keep)
+    size = k + 1 if with_bias else k
+    G0 = np.zeros((size, size))
+    G0[:k, :k] = A
+    R = W @ p.cross[:, keep]
     if with_bias:
-        G = np.empty((k + 1, k + 1))
-        G[:k, :k] = hkk
-        G[:k, k] = G[k, :k] = m.mean[keep]
-        G[k, k] = 1.0 + damp  # keeps G regular when x_K's mean spans the constant
-        R = np.vstack([hks, m.mean[drop][None, :]])
-    else:
-        G, R = hkk, hks
+        G0[:k, k] = G0[k, :k] = p.mean[keep]
+        G0[k, k] = 1.0
+        R = np.hstack([R, (W @ p.orig_mean)[:, None]])
+    G = G0.copy()
+    ridge = damp * scale + dead * scale
+    G[np.arange(k), np.arange(k)] += ridge
+    if with_bias:
+        G[k, k] += damp  # keeps G regular when x̂_K's mean spans the constant
+    # The ridge pulls W'_K towards W_K (not towards 0): with x̂ = x the solution is then
+    # W_K + W_S·H_SK·(H_KK + λI)⁻¹, the damped OBS update, and never shrinks what is kept.
+    pull = R.copy()
+    pull[:, :k] += W[:, keep] * ridge
     try:
-        sol = np.linalg.solve(G, R)
+        sol = np.linalg.solve(G, pull.T).T
     except np.linalg.LinAlgError:
-        sol = np.linalg.lstsq(G, R, rcond=None)[0]
+        sol = np.linalg.lstsq(G, pull.T, rcond=None)[0].T
     if not np.isfinite(sol).all():
-        sol = np.zeros_like(R)
-    BK = sol[:k]
-    b0 = sol[k] if with_bias else np.zeros(len(drop))
-    residual = H[np.ix_(drop, drop)] - R.T @ sol
-    return BK, b0, residual
+        sol = np.hstack([W[:, keep], np.zeros((W.shape[0], size - k))])
+    energy = float(np.einsum("ij,jk,ik->", W, p.orig_second, W))
+    WK = W[:, keep]
+    before = energy - 2.0 * float(np.einsum("ij,ij->", R[:, :k], WK)) + float(np.einsum("ij,jk,ik->", WK, A, WK))
+    after = energy - 2.0 * float(np.einsum("ij,ij->", R, sol)) + float(np.einsum("ij,jk,ik->", sol, G0, sol))
+    beta = sol[:, k] if with_bias else np.zeros(W.shape[0])
+    return sol[:, :k], beta, max(before, 0.0), max(after, 0.0), energy
+
+
+def removed_units(plan: Plan) -> dict[str, np.ndarray]:
+    return {g.id: np.asarray(g.removed, dtype=np.int64) for g in plan.groups if g.removed}
+
+
+def consumers_by_weight(view: ConsumerView, removed: Mapping[str, np.ndarray]) -> dict[tuple[str, str], list[Consumer]]:
+    """The consumers of removed units keyed by (node, weight): one weight may read several
+    groups' channels (a Concat of two branches); it is refitted once for all of them."""
+    by_key: dict[tuple[str, str], list[Consumer]] = {}
+    for c in view:
+        if c.group in removed:
+            by_key.setdefault((c.node, c.weight), []).append(c)
+    return by_key
 
 
 def removed_columns(consumers: list[Consumer], removed: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -159,25 +184,25 @@ def compensate_model(
     model: ir.Model,
     plan: Plan,
     view: ConsumerView,
-    moments: Mapping[str, Moments],
+    moments: Mapping[str, Moments | PairMoments],
     *,
     damp: float = DAMP,
+    only: set[tuple[str, str]] | None = None,
 ) -> Compensation:
     """Edit ``model`` (a copy of the analysed model) so the consumers make up for the removed
     channels; removed columns are zeroed. Returns what was done and the plan edits for
     created biases. Weights read by more than one node are left alone (an edit would change
     the other reader)."""
-    removed = {g.id: np.asarray(g.removed, dtype=np.int64) for g in plan.groups if g.removed}
+    removed = removed_units(plan)
     inits = all_initializers(model.graph)
     edits = {e.name: e for e in plan.tensors}
-    by_key: dict[tuple[str, str], list[Consumer]] = {}
-    for c in view:
-        if c.group in removed:
-            by_key.setdefault((c.node, c.weight), []).append(c)
+    by_key = consumers_by_weight(view, removed)
     nodes = {n.name: n for n in model.graph.all_nodes()}
     fixes: list[Fix] = []
     new_edits: list[TensorEdit] = []
     for (node_name, weight_name), cs in by_key.items():
+        if only is not None and (node_name, weight_name) not in only:
+            continue
         c = cs[0]
         drop = removed_columns(cs, removed)
         fix = Fix(node_name, weight_name, sorted({x.group for x in cs}), len(drop), c.weight_shape[c.axis] - len(drop))
@@ -194,7 +219,7 @@ def compensate_model(
         m = moments.get(c.activation)
         if reason is None and (m is None or m.mean.shape[0] != c.activation_size):
             reason = "no statistics for its input"
-        if reason is None and not (np.isfinite(m.second).all() and np.isfinite(m.mean).all()):
+        if reason is None and not (np.isfinite(m.second).all() and np.isfinite(m.mean).all() and np.isfinite(getattr(m, "cross", 0.0)).all()):
             reason = "statistics hold NaN/inf"
         if reason is not None:
             fix.skipped = reason
@@ -202,23 +227,19 @@ def compensate_model(
         node = nodes[node_name]
         bias_target = _bias_target(c, node, model, inits)
         keep = np.setdiff1d(np.arange(c.activation_size), drop)
-        BK, b0, residual = ridge_predictor(m, keep, drop, damp=damp, with_bias=bias_target is not None)
+        p = m if isinstance(m, PairMoments) else PairMoments.same(m)
         W = value.const_value.numpy()
         M = c.as_matrix(W).astype(np.float64)
         r = c.receptive
         delta = np.zeros(M.shape[0])
         before = after = total = 0.0
-        H = m.second
         for t in range(r):
-            ks, ss = keep * r + t, drop * r + t
-            WS = M[:, ss]
-            before += float(np.einsum("ij,jk,ik->", WS, H[np.ix_(drop, drop)], WS))
-            after += float(np.einsum("ij,jk,ik->", WS, residual, WS))
-            Wt = M[:, np.arange(c.activation_size) * r + t]
-            total += float(np.einsum("ij,jk,ik->", Wt, H, Wt))
-            M[:, ks] += WS @ BK.T
-            delta += WS @ b0
-            M[:, ss] = 0.0
+            columns = np.arange(c.activation_size) * r + t
+            WK, beta, e0, e1, energy = refit(M[:, columns], keep, p, damp=damp, with_bias=bias_target is not None)
+            M[:, keep * r + t] = WK
+            M[:, drop * r + t] = 0.0
+            delta += beta
+            before, after, total = before + e0, after + e1, total + energy
         new = c.from_matrix(M).astype(W.dtype)
         if not np.isfinite(new).all():
             fix.skipped = "update not finite"
@@ -226,7 +247,7 @@ def compensate_model(
         value.const_value = ir.tensor(new, name=weight_name)
         fix.source = m.source
         fix.error_before = before / max(total, 1e-30)
-        fix.error_after = max(after, 0.0) / max(total, 1e-30)
+        fix.error_after = after / max(total, 1e-30)
         if bias_target is not None:
             name, created = bias_target(delta * (c.weight_scale / c.bias_scale))
             fix.bias, fix.bias_created = name, created

@@ -1,7 +1,7 @@
 """The pipeline, readable top to bottom in one place (:func:`default_steps`).
 
-    load → canonicalize → analyze → statistics → score → allocate → plan │ snapshot
-         → compensate → prune → measure → check → oracle → error → benchmark → report → save
+    load → canonicalize → analyze → statistics → score → allocate → plan │ snapshot → check-upgrade
+         → compensate → prune → measure → check → oracle → error → benchmark → restore-opset → report → save
 
 Every entry is a :class:`~spa.passes.manager.Step` run by the pass manager over one
 :class:`State`; later stages (lowrank, fold, emit) are new entries in that list, as compensation's three
@@ -94,6 +94,9 @@ class PruneOptions:
     #: Calibration data (a .npz, a folder of .npy files, or an iterable of feed dicts).
     calibration: Any = None
     calibration_samples: int = 128
+    #: sequential: refit layer by layer from the repaired upstream (default); parallel: every
+    #: layer from the original's statistics in one pass (faster, measured worse: docs/compensation.md).
+    calibration_order: str = "sequential"
     #: Ridge damping of the compensation's least squares, relative to mean(diag H).
     damp: float = DAMP
     #: Per-call channel rules for custom ops (any form ``spa.rules.registry.resolve_rules``
@@ -109,6 +112,8 @@ class PruneOptions:
             raise UsageError(f"verify must be one of {', '.join(VERIFY_LEVELS)}")
         if self.compensate not in COMPENSATE:
             raise UsageError(f"compensate must be one of {', '.join(COMPENSATE)}, got {self.compensate!r}")
+        if self.calibration_order not in ("sequential", "parallel"):
+            raise UsageError(f"calibration_order must be sequential or parallel, got {self.calibration_order!r}")
         if self.calibration_samples < 1:
             raise UsageError(f"calibration-samples must be ≥ 1, got {self.calibration_samples}")
         if not 0.0 <= self.damp < 1e6:

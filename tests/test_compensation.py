@@ -17,7 +17,7 @@ import pytest
 import spa
 from spa import verify
 from spa.analysis.moments import Moments, bn_proxy
-from spa.compensation import ridge_predictor
+from spa.compensation import PairMoments, refit
 from spa.criteria import CRITERIA, CriterionInputs
 from spa.criteria.fpgm import distance_sums
 from spa.errors import UsageError
@@ -87,29 +87,38 @@ def _error(original: onnx.ModelProto, pruned: ir.Model, feeds) -> float:
 # -- the least-squares core ------------------------------------------------------------------
 
 
-def test_ridge_predictor_is_least_squares_on_samples() -> None:
+def _pair(X: np.ndarray, Xh: np.ndarray) -> PairMoments:
+    n = X.shape[1]
+    return PairMoments(Xh @ Xh.T / n, Xh.mean(1), X @ Xh.T / n, X @ X.T / n, X.mean(1), "calibration")
+
+
+def test_refit_is_least_squares_on_samples() -> None:
+    """Against numpy lstsq on the samples, for x̂ = x and for a perturbed upstream x̂."""
     rng = np.random.default_rng(3)
     A = rng.standard_normal((6, 6))
     X = A @ rng.standard_normal((6, 5000)) + rng.standard_normal((6, 1))  # correlated, non-zero mean
-    m = Moments(X.mean(1), X @ X.T / X.shape[1], np.abs(X).mean(1), X.shape[1], "calibration")
-    keep, drop = np.array([0, 2, 3, 5]), np.array([1, 4])
-    BK, b0, residual = ridge_predictor(m, keep, drop, damp=0.0)
-    design = np.vstack([X[keep], np.ones((1, X.shape[1]))]).T
-    sol = np.linalg.lstsq(design, X[drop].T, rcond=None)[0]
-    # damp=0 still puts 1 on the constant's diagonal only as 1 + 0: the exact LS optimum
-    np.testing.assert_allclose(BK, sol[:-1], rtol=1e-6, atol=1e-8)
-    np.testing.assert_allclose(b0, sol[-1], rtol=1e-6, atol=1e-8)
-    res = X[drop] - (sol[:-1].T @ X[keep] + sol[-1][:, None])
-    np.testing.assert_allclose(residual, res @ res.T / X.shape[1], rtol=1e-6, atol=1e-8)
+    W = rng.standard_normal((3, 6))
+    keep = np.array([0, 2, 3, 5])
+    for Xh in (X, X + 0.3 * rng.standard_normal(X.shape)):
+        WK, beta, before, after, energy = refit(W, keep, _pair(X, Xh), damp=0.0)
+        design = np.vstack([Xh[keep], np.ones((1, X.shape[1]))]).T
+        sol = np.linalg.lstsq(design, (W @ X).T, rcond=None)[0]
+        np.testing.assert_allclose(WK, sol[:-1].T, rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(beta, sol[-1], rtol=1e-6, atol=1e-8)
+        n = X.shape[1]
+        np.testing.assert_allclose(after, (((W @ X).T - design @ sol) ** 2).sum() / n, rtol=1e-6)
+        np.testing.assert_allclose(before, ((W @ X - W[:, keep] @ Xh[keep]) ** 2).sum() / n, rtol=1e-6)
+        np.testing.assert_allclose(energy, ((W @ X) ** 2).sum() / n, rtol=1e-9)
 
 
 def test_independent_channels_reduce_to_mean_shift() -> None:
     mean = np.array([0.5, 1.0, 2.0])
     var = np.array([1.0, 0.25, 4.0])
     second = np.outer(mean, mean) + np.diag(var)
-    BK, b0, _ = ridge_predictor(Moments(mean, second, mean, 0, "bn-proxy"), np.array([0, 2]), np.array([1]), damp=0.0)
-    np.testing.assert_allclose(BK, 0.0, atol=1e-12)
-    np.testing.assert_allclose(b0, [1.0], atol=1e-12)
+    W = np.array([[1.0, 2.0, 3.0]])
+    WK, beta, *_ = refit(W, np.array([0, 2]), PairMoments.same(Moments(mean, second, mean, 0, "bn-proxy")), damp=0.0)
+    np.testing.assert_allclose(WK, W[:, [0, 2]], atol=1e-12)
+    np.testing.assert_allclose(beta, [2.0 * 1.0], atol=1e-12)
 
 
 def test_bn_proxy_moments_match_monte_carlo() -> None:

@@ -29,11 +29,11 @@ import onnx_ir as ir
 
 from spa.graph import all_initializers
 
-__all__ = ["Moments", "collect", "bn_proxy", "activation_function", "MAX_POSITIONS"]
+__all__ = ["Moments", "PairMoments", "collect_pairs", "exposing_session", "collect", "bn_proxy", "activation_function", "MAX_POSITIONS"]
 
 #: Positions (batch × spatial) sampled per tensor per batch: E[x xᵀ] converges long before
 #: a 56×56 map's 3136 positions, and C×C×positions is the cost of a batch.
-MAX_POSITIONS = 1024
+MAX_POSITIONS = 256
 
 
 @dataclasses.dataclass
@@ -49,6 +49,24 @@ class Moments:
     @property
     def variance(self) -> np.ndarray:
         return np.maximum(np.diag(self.second) - self.mean**2, 0.0)
+
+
+@dataclasses.dataclass
+class PairMoments:
+    """Moments of a consumer's input ``x`` in the original model and ``x̂`` in the model being
+    compensated (upstream layers already pruned and repaired). Without a second model
+    (data-free, or all layers at once) ``x̂ = x``: :meth:`same`."""
+
+    second: np.ndarray  # E[x̂ x̂ᵀ]
+    mean: np.ndarray  # E[x̂]
+    cross: np.ndarray  # E[x x̂ᵀ]
+    orig_second: np.ndarray  # E[x xᵀ]
+    orig_mean: np.ndarray  # E[x]
+    source: str
+
+    @classmethod
+    def same(cls, m: Moments) -> PairMoments:
+        return cls(m.second, m.mean, m.second, m.second, m.mean, m.source)
 
 
 class _Accumulator:
@@ -94,19 +112,8 @@ def collect(
     A sample is one feed's batch entry; feeding stops after ``max_samples`` of them.
     Returns the moments and the number of samples used.
     """
-    import onnx
-
-    from spa import verify
-
-    proto = ir.to_proto(model)
-    have = {o.name for o in proto.graph.output}
-    for name in tensors:
-        if name not in have:
-            proto.graph.output.append(onnx.ValueInfoProto(name=name))
-    onnx.save(proto, str(path))
-    del proto
-    sess = verify.session(path)
     names = list(tensors)
+    sess = exposing_session(model, names, path)
     accs: dict[str, _Accumulator] = {}
     rng = np.random.default_rng(seed)
     samples = 0
@@ -124,6 +131,78 @@ def collect(
         first = next(iter(feed.values()), None)
         samples += int(first.shape[0]) if first is not None and np.ndim(first) else 1
     return {n: a.moments(source) for n, a in accs.items()}, samples
+
+
+class _PairAccumulator:
+    def __init__(self, channels: int) -> None:
+        self.s = np.zeros(channels)
+        self.sh = np.zeros(channels)
+        self.ss = np.zeros((channels, channels))
+        self.shh = np.zeros((channels, channels))
+        self.sx = np.zeros((channels, channels))
+        self.n = 0
+
+    def add(self, x: np.ndarray, xh: np.ndarray) -> None:  # [C, positions], the same positions
+        x = x.astype(np.float64, copy=False)
+        xh = xh.astype(np.float64, copy=False)
+        self.s += x.sum(1)
+        self.sh += xh.sum(1)
+        self.ss += x @ x.T
+        self.shh += xh @ xh.T
+        self.sx += x @ xh.T
+        self.n += x.shape[1]
+
+    def moments(self) -> PairMoments:
+        n = max(self.n, 1)
+        return PairMoments(self.shh / n, self.sh / n, self.sx / n, self.ss / n, self.s / n, "calibration")
+
+
+def exposing_session(model: ir.Model, names: Iterable[str], path: Any) -> Any:
+    """Save ``model`` with ``names`` added as graph outputs; an ORT session on it."""
+    import onnx
+
+    from spa import verify
+
+    proto = ir.to_proto(model)
+    have = {o.name for o in proto.graph.output}
+    for name in names:
+        if name not in have:
+            proto.graph.output.append(onnx.ValueInfoProto(name=name))
+    onnx.save(proto, str(path))
+    del proto
+    return verify.session(path)
+
+
+def collect_pairs(
+    original: Any,
+    current: ir.Model,
+    tensors: Mapping[str, int],
+    feeds: Iterable[Mapping[str, np.ndarray]],
+    *,
+    path: Any,
+    seed: int = 0,
+) -> dict[str, PairMoments]:
+    """Joint moments of ``tensors`` in ``original`` (an ORT session exposing them) and in
+    ``current`` (saved to ``path`` with them exposed), on the same feeds and positions."""
+    names = list(tensors)
+    sess = exposing_session(current, names, path)
+    accs: dict[str, _PairAccumulator] = {}
+    rng = np.random.default_rng(seed)
+    for feed in feeds:
+        xs = original.run(names, dict(feed))
+        xhs = sess.run(names, dict(feed))
+        for name, x, xh in zip(names, xs, xhs):
+            x, xh = np.asarray(x), np.asarray(xh)
+            if x.dtype.kind != "f" or x.ndim == 0 or x.shape != xh.shape:
+                continue
+            axis = tensors[name] % x.ndim
+            a = np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
+            b = np.moveaxis(xh, axis, 0).reshape(x.shape[axis], -1)
+            if a.shape[1] > MAX_POSITIONS:
+                pick = np.sort(rng.choice(a.shape[1], MAX_POSITIONS, replace=False))
+                a, b = a[:, pick], b[:, pick]
+            accs.setdefault(name, _PairAccumulator(a.shape[0])).add(a, b)
+    return {n: acc.moments() for n, acc in accs.items()}
 
 
 # ------------------------------------------------------------------------------------------

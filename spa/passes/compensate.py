@@ -8,7 +8,9 @@ Three steps over the pipeline's ``State`` (``spa.pipeline``), each small:
   precedes. The compensation-aware and activation criteria read them too.
 - :func:`compensate_step` (after *snapshot*, before *prune*): a copy of the canonical model
   with the consumers repaired (``spa.compensation``) becomes the *reference* that surgery
-  slices and the mask oracle proves against.
+  slices and the mask oracle proves against. With calibration data the consumers are refitted
+  level by level (:func:`consumer_levels`), each from what it reads in the reference repaired
+  so far against the original's activations; without, all at once from the moments.
 - :func:`error_step` (after *oracle*): the measured output error of plain pruning and of the
   compensated pruned model against the original, on the verification inputs and on up to
   ``ERROR_SAMPLES`` calibration samples.
@@ -18,16 +20,18 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import onnx_ir as ir
 
 from spa import io
 from spa import verify as verify_mod
 from spa.analysis.consumers import consumer_view
-from spa.analysis.moments import Moments, bn_proxy, collect, consumer_tensors
+from spa.analysis.moments import Moments, bn_proxy, collect, collect_pairs, consumer_tensors, exposing_session
 from spa.calibration import open_calibration
-from spa.compensation import compensate_model
+from spa.compensation import Compensation, compensate_model, consumers_by_weight, removed_units
 from spa.errors import UsageError
 from spa.inputs import make_feeds, resolve_input_shapes
 
@@ -60,7 +64,12 @@ def statistics_step(s: State) -> bool:
     s.calibration = calib
     moments: dict[str, Moments] = {}
     used = 0
-    if calib is not None and o.compensate != "data-free":
+    from spa.criteria import get_criterion
+
+    sequential = o.compensate == "calibration" and o.calibration_order == "sequential"
+    if calib is not None and sequential and "moments" not in get_criterion(o.criterion).needs:
+        pass  # the sequential refit collects its own statistics, layer by layer
+    elif calib is not None and o.compensate != "data-free":
         moments, used = collect(model, wanted, calib, path=s.scratch("statistics"), max_samples=o.calibration_samples, seed=o.seed)
     else:
         values = consumer_tensors(model, wanted.items())
@@ -85,13 +94,50 @@ def statistics_step(s: State) -> bool:
 
 def compensate_step(s: State) -> bool:
     reference = io.load_model(s.snapshot_path)
-    result = compensate_model(reference, s.plan, s.consumers, s.moments, damp=s.options.damp)
+    if s.calibration is not None and s.options.compensate == "calibration" and s.options.calibration_order == "sequential":
+        result = _sequential(s, reference)
+    else:
+        result = compensate_model(reference, s.plan, s.consumers, s.moments, damp=s.options.damp)
     s.compensation = result
     if result.new_edits:
         s.surgery_plan = dataclasses.replace(s.plan, tensors=[*s.plan.tensors, *result.new_edits])
     s.reference_path = s.scratch("compensated")
     io.save_model(reference, s.reference_path, durable=False)
     return True
+
+
+def consumer_levels(model: ir.Model, keys: Iterable[tuple[str, str]], activation: Mapping[tuple[str, str], str | None]) -> dict[tuple[str, str], int]:
+    """How many refitted consumers lie on the longest path to each consumer's input: the
+    consumers of one level do not feed each other, so one ORT pass serves them all."""
+    refitted = {node for node, _ in keys}
+    depth: dict[str, int] = {}
+    for node in model.graph:
+        d = max((depth.get(v.name, 0) for v in node.inputs if v is not None), default=0)
+        for out in node.outputs:
+            depth[out.name] = d + (node.name in refitted)
+    return {k: depth.get(activation[k] or "", 0) for k in keys}
+
+
+def _sequential(s: State, reference: ir.Model) -> Compensation:
+    """Refit the consumers level by level, each from the inputs it sees in the reference
+    repaired so far (x̂) against the original's (x) on the calibration data (OBC/SparseGPT's
+    sequential order: upstream error is compensated downstream, not compounded)."""
+    keys = consumers_by_weight(s.consumers, removed_units(s.plan))
+    activation = {k: cs[0].activation for k, cs in keys.items()}
+    axis = {k: cs[0].activation_axis for k, cs in keys.items()}
+    levels = consumer_levels(reference, keys, activation)
+    wanted = {activation[k]: axis[k] for k in keys if activation[k] is not None}
+    original = exposing_session(s.analysis.model, wanted, s.scratch("sequential-original"))
+    fixes, edits = [], []
+    for level in sorted(set(levels.values())):
+        batch = {k for k, lv in levels.items() if lv == level}
+        tensors = {activation[k]: axis[k] for k in batch if activation[k] is not None}
+        pairs = collect_pairs(original, reference, tensors, s.calibration, path=s.scratch("sequential"), seed=s.options.seed)
+        part = compensate_model(reference, s.plan, s.consumers, pairs, damp=s.options.damp, only=batch)
+        fixes += part.fixes
+        edits += part.new_edits
+    s.notes["compensation_levels"] = len(set(levels.values()))
+    return Compensation(fixes, edits)
 
 
 def _relative_error(ref: list[np.ndarray], got: list[np.ndarray]) -> float:
