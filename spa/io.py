@@ -47,7 +47,7 @@ from collections.abc import Iterator
 import onnx
 import onnx_ir as ir
 
-from spa.errors import InvalidModelError, OutputError, UnsupportedError
+from spa.errors import InvalidModelError, OutputError, SpaError, UnsupportedError
 from spa.passes import upgrade_opset
 
 __all__ = [
@@ -467,8 +467,6 @@ def at_opset(
     keeps the model at its own opset. Lazy external weights are not read: the copy holds the
     very same tensor objects. ``model`` itself at ``opset`` already is returned as it is.
     """
-    from spa.errors import SpaError
-
     current = _default_opset(dict(model.opset_imports))
     if current is None or current == opset:
         return model, None

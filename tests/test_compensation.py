@@ -103,12 +103,12 @@ def test_refit_is_least_squares_on_samples() -> None:
         WK, beta, before, after, energy = refit(W, keep, _pair(X, Xh), damp=0.0)
         design = np.vstack([Xh[keep], np.ones((1, X.shape[1]))]).T
         sol = np.linalg.lstsq(design, (W @ X).T, rcond=None)[0]
-        np.testing.assert_allclose(WK, sol[:-1].T, rtol=1e-6, atol=1e-8)
-        np.testing.assert_allclose(beta, sol[-1], rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(WK, sol[:-1].T, rtol=1e-4, atol=1e-6)  # float32 products
+        np.testing.assert_allclose(beta, sol[-1], rtol=1e-4, atol=1e-6)
         n = X.shape[1]
-        np.testing.assert_allclose(after, (((W @ X).T - design @ sol) ** 2).sum() / n, rtol=1e-6)
-        np.testing.assert_allclose(before, ((W @ X - W[:, keep] @ Xh[keep]) ** 2).sum() / n, rtol=1e-6)
-        np.testing.assert_allclose(energy, ((W @ X) ** 2).sum() / n, rtol=1e-9)
+        np.testing.assert_allclose(after, (((W @ X).T - design @ sol) ** 2).sum() / n, rtol=1e-4)
+        np.testing.assert_allclose(before, ((W @ X - W[:, keep] @ Xh[keep]) ** 2).sum() / n, rtol=1e-4)
+        np.testing.assert_allclose(energy, ((W @ X) ** 2).sum() / n, rtol=1e-5)
 
 
 def test_independent_channels_reduce_to_mean_shift() -> None:

@@ -544,3 +544,33 @@ def test_search_target_reports_unreachable_targets():
     assert abs(out.ratio - 0.6) < 1e-4  # the least pruning that reaches the floor, not 0.99
     assert "out of reach" in out.message() and "0.400" in out.message()
     assert search_target(figure, 1.0).ratio == 0.0
+
+
+def _positional_conv() -> onnx.ModelProto:
+    """y = Conv(x + Conv(grid, w_pe), w): the inner conv reads only constants (a positional
+    encoding over a fixed grid, as XCiT's), so ONNX Runtime folds it when the session is made."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("grid", (1, 2, 4, 4)), ("w_pe", (8, 2, 1, 1)), ("w", (4, 8, 3, 3)))]
+    nodes = [helper.make_node("Conv", ["grid", "w_pe"], ["pe"], name="pe_conv"),
+             helper.make_node("Add", ["x", "pe"], ["xp"], name="add"),
+             helper.make_node("Conv", ["xp", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_nodes_on_constants_only_cost_nothing_per_inference():
+    import spa
+
+    proto = _positional_conv()
+    model = ir.from_proto(onnx.shape_inference.infer_shapes(proto))
+    cm = CostModel(model)
+    assert cm.constant == ["pe_conv"]
+    assert cm.count().macs == 1 * 4 * 4 * 4 * 8 * 9  # the outer conv only
+    assert executed_macs(proto, make_feeds(model)) == cm.count().macs
+    result = spa.prune(proto, ratio=0.5, benchmark=False)
+    assert result.report.macs_before == cm.count().macs
+    # An overridable input (an initializer listed among the inputs) is not a constant: counted.
+    proto.graph.input.append(helper.make_tensor_value_info("grid", TensorProto.FLOAT, [1, 2, 4, 4]))
+    assert CostModel(ir.from_proto(onnx.shape_inference.infer_shapes(proto))).count().macs == cm.count().macs + 8 * 2 * 16

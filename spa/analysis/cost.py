@@ -43,6 +43,10 @@ Conventions for ``flops`` (documented so reports are comparable):
   reductions, ArgMax/ArgMin, CumSum, TopK: one per *input* element.
 * data movement (Reshape, Transpose, Concat, Slice, Gather, Cast, Pad, Shape, ...): 0.
 * ops we know nothing about: 0, and listed in :attr:`CostModel.uncounted`.
+* a node that reads no graph input, directly or through other nodes (a positional-encoding
+  conv over a fixed grid, a Swin's relative-position MLP): 0, and listed in
+  :attr:`CostModel.constant`. It computes the same tensor on every run, which ONNX Runtime's
+  constant folding computes once when the session is created: it is not an executed cost.
 * If: both branches are counted (an upper bound); Loop/Scan bodies count one iteration.
 
 Params: the elements of every constant tensor that is a weight, i.e. every initializer and
@@ -405,6 +409,26 @@ def _compile_recurrent(c: _Compiler, node: ir.Node) -> list[_Term] | None:
     return [(1, 2, sb + ws), (1, 2, sb + rs), (0, 3, gate_elems)]
 
 
+# Ops whose output differs from run to run although no input does: never folded.
+_NONDETERMINISTIC = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"})
+
+
+def _load_time_constant_nodes(graph: ir.Graph) -> set[int]:
+    """``id`` of the top-level nodes that read no graph input, directly or through other nodes
+    (graph inputs backed by an initializer count as inputs: a caller may feed them). Such a
+    node computes the same value on every run; ONNX Runtime's constant folding computes it
+    once, when the session is created. Nodes with subgraphs and random ops are never folded."""
+    varying = {v.name for v in graph.inputs}
+    folded: set[int] = set()
+    for node in graph:  # topological (ONNX requires it of a graph)
+        reads_varying = any(v is not None and v.name in varying for v in node.inputs)
+        if reads_varying or node.op_type in _NONDETERMINISTIC or any(True for _ in _subgraphs(node)):
+            varying.update(v.name for v in node.outputs if v is not None)
+        else:
+            folded.add(id(node))
+    return folded
+
+
 def _is_weight_dtype(dtype: ir.DataType | None) -> bool:
     if dtype is None:
         return False
@@ -474,10 +498,15 @@ class CostModel:
         self.unknown_ops: Counter[str] = Counter()
         #: the concrete input shapes counted (set by :meth:`for_inputs`; None otherwise)
         self.input_shapes: dict[str, list[int]] | None = None
+        #: nodes that read no graph input (directly or not): they compute a constant, which
+        #: ONNX Runtime's constant folding does once when a session is made, so they cost
+        #: nothing per inference (a positional-encoding conv over a fixed grid)
+        self.constant: list[str] = []
         node_names: list[str] = []
         node_terms: list[tuple[_Term, ...]] = []
         seen_names: set[str] = set()
         graphs: list[ir.Graph] = [graph]
+        folded = _load_time_constant_nodes(graph)
 
         for i, node in enumerate(ir.traversal.RecursiveGraphIterator(graph)):
             graphs.extend(_subgraphs(node))
@@ -486,6 +515,10 @@ class CostModel:
                 name = f"{name}#{i}"
             seen_names.add(name)
             terms = _compile_node(c, node)
+            if id(node) in folded and not isinstance(terms, _NoRule):
+                if terms:
+                    self.constant.append(name)
+                terms = []
             if isinstance(terms, _NoRule):
                 self.uncounted[f"{node.domain or 'ai.onnx'}::{node.op_type}"] += 1
                 terms = []
@@ -752,7 +785,8 @@ def executed_macs_by_node(model, feeds: Mapping[str, np.ndarray] | None = None) 
 
     ``model`` is a path, an ``onnx.ModelProto`` or an ``onnx_ir.Model``. The model runs once
     with every node output made a graph output (graph optimisations off); each formula reads
-    the real arrays' shapes. Nodes inside If/Loop/Scan bodies are not seen (logged).
+    the real arrays' shapes. Nodes inside If/Loop/Scan bodies are not seen (logged); nodes
+    that read no graph input are left out (ORT's constant folding runs them once, at load).
     """
     import os
     import pathlib
@@ -792,9 +826,15 @@ def executed_macs_by_node(model, feeds: Mapping[str, np.ndarray] | None = None) 
     shapes.update({t.name: tuple(t.dims) for t in g.initializer})
     shapes.update({k: tuple(np.shape(v)) for k, v in feeds.items()})
     out: dict[str, int] = {}
+    varying = {i.name for i in g.input}  # what ORT's constant folding cannot compute at load
     for i, node in enumerate(g.node):
-        if any(at.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for at in node.attribute):
+        has_body = any(at.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for at in node.attribute)
+        if has_body:
             logger.info("executed_macs: the body of %s (%s) is not counted", node.name, node.op_type)
+        if has_body or node.op_type in _NONDETERMINISTIC or any(x in varying for x in node.input):
+            varying.update(o for o in node.output if o)
+        else:
+            continue  # reads constants only: folded when the session is made, not executed per run
         m = _exec_node_macs(node, shapes.get)
         if m is not None:
             out[node.name or f"{node.op_type}_{i}"] = m

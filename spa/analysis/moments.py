@@ -45,6 +45,8 @@ class Moments:
     abs_mean: np.ndarray  # [C]  E[|x|] (the ``activation`` criterion)
     count: int  # positions averaged
     source: str  # calibration | bn-proxy | synthetic
+    #: Channels modelled as independent (second = diag(Var) + μμᵀ): the refit is a mean shift.
+    independent: bool = False
 
     @property
     def variance(self) -> np.ndarray:
@@ -63,10 +65,11 @@ class PairMoments:
     orig_second: np.ndarray  # E[x xᵀ]
     orig_mean: np.ndarray  # E[x]
     source: str
+    independent: bool = False
 
     @classmethod
     def same(cls, m: Moments) -> PairMoments:
-        return cls(m.second, m.mean, m.second, m.second, m.mean, m.source)
+        return cls(m.second, m.mean, m.second, m.second, m.mean, m.source, m.independent)
 
 
 class _Accumulator:
@@ -77,9 +80,10 @@ class _Accumulator:
         self.n = 0
 
     def add(self, x: np.ndarray) -> None:  # x: [C, positions]
+        x32 = np.ascontiguousarray(x, dtype=np.float32)
+        self.s2 += x32 @ x32.T  # float32 BLAS per batch (256 positions), float64 sums across
         x = x.astype(np.float64, copy=False)
         self.s1 += x.sum(axis=1)
-        self.s2 += x @ x.T
         self.sa += np.abs(x).sum(axis=1)
         self.n += x.shape[1]
 
@@ -143,11 +147,11 @@ class _PairAccumulator:
         self.n = 0
 
     def add(self, x: np.ndarray, xh: np.ndarray) -> None:  # [C, positions], the same positions
-        x = x.astype(np.float64, copy=False)
-        xh = xh.astype(np.float64, copy=False)
-        self.s += x.sum(1)
-        self.sh += xh.sum(1)
-        self.ss += x @ x.T
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        xh = np.ascontiguousarray(xh, dtype=np.float32)
+        self.s += x.sum(1, dtype=np.float64)
+        self.sh += xh.sum(1, dtype=np.float64)
+        self.ss += x @ x.T  # float32 BLAS per batch, float64 sums across batches
         self.shh += xh @ xh.T
         self.sx += x @ xh.T
         self.n += x.shape[1]
@@ -373,7 +377,7 @@ def bn_proxy(value: ir.Value, axis: int) -> Moments | None:
         abs_mean = np.abs(mean)  # the mean of many positions hardly changes sign
     full = np.outer(mean, mean)
     np.fill_diagonal(full, second)
-    return Moments(mean, full, abs_mean, 0, "bn-proxy")
+    return Moments(mean, full, abs_mean, 0, "bn-proxy", independent=True)
 
 
 def consumer_tensors(model: ir.Model, names: Iterable[tuple[str, int]]) -> dict[str, ir.Value]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from spa.analysis.channels import Group
-from spa.compensation import DAMP, consumer_refusal
+from spa.compensation import DAMP, quadratic_trace, consumer_refusal
 from spa.criteria.base import CRITERIA, Criterion, CriterionInputs, register_criterion
 from spa.rules.base import Role
 
@@ -76,7 +76,7 @@ def obs_unit_errors(c, m, W: np.ndarray, n_units: int, damp: float = DAMP) -> np
     total = 0.0
     for t in range(r):
         Wt = M[:, np.arange(C) * r + t]
-        total += float(np.einsum("ij,jk,ik->", Wt, m.second, Wt))
+        total += float(quadratic_trace(Wt, m.second))
     errors = np.zeros(n_units)
     for unit in np.unique(c.unit_of_column):
         S = c.columns_of(int(unit))  # identity layout: columns are channels
@@ -88,7 +88,7 @@ def obs_unit_errors(c, m, W: np.ndarray, n_units: int, damp: float = DAMP) -> np
         e = 0.0
         for t in range(r):
             WS = M[:, S * r + t]
-            e += float(np.einsum("ij,jk,ik->", WS, inv_block, WS))
+            e += float(quadratic_trace(WS, inv_block))
         errors[int(unit)] = e
     return errors / max(total, 1e-30)
 

@@ -42,7 +42,7 @@ __all__ = ["COMPENSATE", "SYNTHETIC_SAMPLES", "ERROR_SAMPLES", "statistics_step"
 
 COMPENSATE = ("none", "data-free", "calibration")
 #: Seeded standard-normal feeds for the data-free fallback (activations without BatchNorm).
-SYNTHETIC_SAMPLES = 16
+SYNTHETIC_SAMPLES = 8
 #: Calibration samples the output error is also measured on.
 ERROR_SAMPLES = 16
 
