@@ -111,8 +111,6 @@ def refit(W: np.ndarray, keep: np.ndarray, p: PairMoments, *, damp: float = DAMP
     the errors summed over rows. Ridge ``damp·mean(diag)`` on the kept channels; a dead kept
     channel (zero second moment) gets a unit diagonal so the system stays regular.
     """
-    if p.independent and with_bias:
-        return _mean_shift(W, keep, p)
     k = len(keep)
     A = p.second[np.ix_(keep, keep)]
     diag = np.diag(A).copy()
@@ -151,19 +149,6 @@ def refit(W: np.ndarray, keep: np.ndarray, p: PairMoments, *, damp: float = DAMP
     after = energy - 2.0 * float(np.vdot(R, sol)) + float(np.vdot(pull, sol)) - penalty
     beta = sol[:, k] if with_bias else np.zeros(W.shape[0])
     return sol[:, :k], beta, max(before, 0.0), max(after, 0.0), energy
-
-
-def _mean_shift(W: np.ndarray, keep: np.ndarray, p: PairMoments) -> tuple[np.ndarray, np.ndarray, float, float, float]:
-    """:func:`refit` for independent channels (``E[x xᵀ] = diag(Var) + μμᵀ``), in O(rows·C):
-    the kept columns stay, the removed channels' mean goes into the bias (§4.1)."""
-    drop = np.setdiff1d(np.arange(W.shape[1]), keep)
-    var = np.maximum(np.diag(p.orig_second) - p.orig_mean**2, 0.0)
-    WS = W[:, drop]
-    shift = WS @ p.orig_mean[drop]
-    after = float((WS**2 @ var[drop]).sum())
-    before = after + float((shift**2).sum())
-    energy = float((W**2 @ var).sum() + ((W @ p.orig_mean) ** 2).sum())
-    return W[:, keep].copy(), shift, before, after, energy
 
 
 def quadratic_trace(W: np.ndarray, H: np.ndarray) -> float:

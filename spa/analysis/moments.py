@@ -45,8 +45,6 @@ class Moments:
     abs_mean: np.ndarray  # [C]  E[|x|] (the ``activation`` criterion)
     count: int  # positions averaged
     source: str  # calibration | bn-proxy | synthetic
-    #: Channels modelled as independent (second = diag(Var) + μμᵀ): the refit is a mean shift.
-    independent: bool = False
 
     @property
     def variance(self) -> np.ndarray:
@@ -65,11 +63,10 @@ class PairMoments:
     orig_second: np.ndarray  # E[x xᵀ]
     orig_mean: np.ndarray  # E[x]
     source: str
-    independent: bool = False
 
     @classmethod
     def same(cls, m: Moments) -> PairMoments:
-        return cls(m.second, m.mean, m.second, m.second, m.mean, m.source, m.independent)
+        return cls(m.second, m.mean, m.second, m.second, m.mean, m.source)
 
 
 class _Accumulator:
@@ -307,77 +304,111 @@ def _spatial(value: ir.Value | None) -> int | None:
     return int(np.prod(dims)) if all(isinstance(d, int) for d in dims) else None
 
 
-def bn_proxy(value: ir.Value, axis: int) -> Moments | None:
-    """Data-free moments of ``value`` along ``axis`` when it is computed channel by channel
-    from a BatchNormalization: ``BN → [activation] → [MaxPool] → [Global/AveragePool] →
-    [Flatten]`` (each bracket optional; SiLU as ``x·Sigmoid(x)``).
+@dataclasses.dataclass
+class _Dist:
+    """Per channel: ``chain`` applied to ``N(beta, sigma²)`` (``chain`` from the Gaussian on)."""
 
-    The BN output is ``N(β, γ²)`` per channel, represented on a fine grid; an activation maps
-    the grid, a max pool of ``n`` taps takes the max of ``n`` independent draws (CDFⁿ), an
-    average pool of ``n`` positions keeps the mean and divides the variance by ``n``
-    (independent positions: the spread is underestimated, the mean — what bias absorption
-    uses — is exact). None for any other chain: the caller then uses another source.
+    beta: np.ndarray
+    sigma: np.ndarray
+    chain: tuple[tuple[str, Any], ...] = ()
+
+    def grid(self) -> tuple[np.ndarray, np.ndarray]:
+        values = self.beta[:, None] + self.sigma[:, None] * _GRID[None, :]  # [C, points]
+        weights = np.broadcast_to(_GRID_W, values.shape).copy()
+        for kind, arg in self.chain:
+            if kind == "f":
+                values = arg(values)
+            else:  # max of ``arg`` independent draws
+                order = np.argsort(values, axis=1)
+                values = np.take_along_axis(values, order, axis=1)
+                cdf = np.cumsum(np.take_along_axis(weights, order, axis=1), axis=1)
+                cdf = np.minimum(cdf / cdf[:, -1:], 1.0) ** arg
+                weights = np.diff(cdf, axis=1, prepend=0.0)
+        return values, weights
+
+    def moments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(mean, E[x²], E|x|) per channel."""
+        values, weights = self.grid()
+        return (values * weights).sum(1), (values**2 * weights).sum(1), (np.abs(values) * weights).sum(1)
+
+    def gaussian(self, shrink: int = 1) -> _Dist:
+        """The Gaussian with this one's mean and variance / ``shrink`` (sums and averages)."""
+        mean, second, _ = self.moments()
+        return _Dist(mean, np.sqrt(np.maximum(second - mean**2, 0.0) / shrink))
+
+
+_PASS_THROUGH = ("Identity", "Dropout")
+_MAX_DEPTH = 400
+
+
+def _dist(value: ir.Value | None, memo: dict[str, _Dist | None], depth: int = 0) -> _Dist | None:
+    """The per-channel distribution of a value computed channel by channel from BatchNorms."""
+    if value is None or depth > _MAX_DEPTH:
+        return None
+    if value.name in memo:
+        return memo[value.name]
+    memo[value.name] = None  # a cycle (never in a DAG) or a failure below stays None
+    node = value.producer()
+    out: _Dist | None = None
+    if node is not None and node.domain in ("", "ai.onnx"):
+        op = node.op_type
+        first = node.inputs[0] if node.inputs else None
+        params = _bn_params(node)
+        if params is not None:
+            out = _Dist(params[0], np.abs(params[1]))
+        elif op in _PASS_THROUGH:
+            out = _dist(first, memo, depth + 1)
+        elif op in ("Flatten", "Reshape", "Squeeze"):
+            out = _dist(first, memo, depth + 1) if _spatial(first) == 1 else None
+        elif op == "Add" and len(node.inputs) == 2 and all(i is not None and i.const_value is None for i in node.inputs):
+            a, b = node.inputs
+            if a.shape is not None and a.shape == b.shape:
+                da, db = _dist(a, memo, depth + 1), _dist(b, memo, depth + 1)
+                if da is not None and db is not None and da.beta.shape == db.beta.shape:
+                    ga, gb = da.gaussian(), db.gaussian()
+                    out = _Dist(ga.beta + gb.beta, np.sqrt(ga.sigma**2 + gb.sigma**2))
+        elif op in ("GlobalAveragePool", "AveragePool"):
+            n = _spatial(first) if op == "GlobalAveragePool" else _pool_size(node)
+            d = _dist(first, memo, depth + 1)
+            out = d.gaussian(n) if d is not None and n else None
+        elif op == "MaxPool":
+            n = _pool_size(node)
+            d = _dist(first, memo, depth + 1)
+            out = _Dist(d.beta, d.sigma, (*d.chain, ("max", n))) if d is not None and n else None
+        elif op == "Mul" and len(node.inputs) == 2 and any(i is not None and _silu_tail(node, i) for i in node.inputs):
+            x = next(i for i in node.inputs if i is not None and _silu_tail(node, i))
+            d = _dist(x, memo, depth + 1)
+            out = _Dist(d.beta, d.sigma, (*d.chain, ("f", lambda u: u / (1.0 + np.exp(-u))))) if d is not None else None
+        else:
+            f = activation_function(node)
+            d = _dist(first, memo, depth + 1) if f is not None else None
+            out = _Dist(d.beta, d.sigma, (*d.chain, ("f", f))) if d is not None else None
+    memo[value.name] = out
+    return out
+
+
+def bn_proxy(value: ir.Value, axis: int, memo: dict[str, Any] | None = None) -> Moments | None:
+    """Data-free moments of ``value`` along ``axis`` (1) when it is computed channel by channel
+    from BatchNormalizations: BN, element-wise activations (SiLU as ``x·Sigmoid(x)``), max and
+    average pooling, residual ``Add`` of two such values, Flatten of a [N, C, 1, 1] map.
+
+    The BN output is ``N(β, γ²)`` per channel (what the network was trained to produce),
+    represented on a fine grid; an activation maps the grid, a max pool of ``n`` taps takes the
+    max of ``n`` independent draws (CDFⁿ); an average of ``n`` positions and a sum of two
+    branches are Gaussians with the summed mean and variance (independent positions and
+    branches: spreads are approximate, the means — what bias absorption uses — are exact).
+    ``memo`` shares the walk between tensors. None for anything else: the caller then uses
+    another source.
     """
     if value.shape is None or axis % max(len(value.shape), 1) != 1:
         return None
-    chain: list[tuple[str, Any]] = []
-    node = value.producer()
-    if node is not None and node.op_type in ("Flatten", "Reshape", "Squeeze"):
-        src = node.inputs[0]
-        if _spatial(src) != 1:
-            return None  # only [N, C, 1, 1] → [N, C] keeps channel c at index c
-        node = src.producer()
-    if node is not None and node.op_type in ("GlobalAveragePool", "AveragePool"):
-        n = _spatial(node.inputs[0]) if node.op_type == "GlobalAveragePool" else _pool_size(node)
-        if n is None:
-            return None
-        chain.append(("avg", n))
-        node = node.inputs[0].producer()
-    if node is not None and node.op_type == "MaxPool":
-        n = _pool_size(node)
-        if n is None:
-            return None
-        chain.append(("max", n))
-        node = node.inputs[0].producer()
-    if node is None:
+    d = _dist(value, {} if memo is None else memo)
+    if d is None:
         return None
-    g = activation_function(node)
-    if g is not None and node.op_type != "Identity":
-        chain.append(("f", g))
-        node = node.inputs[0].producer() if node.inputs[0] is not None else None
-    elif node.op_type == "Mul" and any(i is not None and i.producer() is not None and _silu_tail(node, i) for i in node.inputs):
-        x = next(i for i in node.inputs if i is not None and i.producer() is not None and i.producer().op_type != "Sigmoid")
-        chain.append(("f", lambda u: u / (1.0 + np.exp(-u))))
-        node = x.producer()
-    if node is None:
-        return None
-    params = _bn_params(node)
-    if params is None:
-        return None
-    beta, gamma = params
-    values = beta[:, None] + np.abs(gamma)[:, None] * _GRID[None, :]  # [C, points]
-    weights = np.broadcast_to(_GRID_W, values.shape).copy()
-    avg = 1
-    for kind, arg in reversed(chain):  # from the BN forward
-        if kind == "f":
-            values = arg(values)
-        elif kind == "max":
-            order = np.argsort(values, axis=1)
-            values = np.take_along_axis(values, order, axis=1)
-            cdf = np.cumsum(np.take_along_axis(weights, order, axis=1), axis=1)
-            cdf = np.minimum(cdf / cdf[:, -1:], 1.0) ** arg
-            weights = np.diff(cdf, axis=1, prepend=0.0)
-        else:
-            avg = arg
-    mean = (values * weights).sum(1)
-    second = (values**2 * weights).sum(1)
-    abs_mean = (np.abs(values) * weights).sum(1)
-    if avg > 1:
-        second = mean**2 + (second - mean**2) / avg
-        abs_mean = np.abs(mean)  # the mean of many positions hardly changes sign
+    mean, second, abs_mean = d.moments()
     full = np.outer(mean, mean)
     np.fill_diagonal(full, second)
-    return Moments(mean, full, abs_mean, 0, "bn-proxy", independent=True)
+    return Moments(mean, full, abs_mean, 0, "bn-proxy")
 
 
 def consumer_tensors(model: ir.Model, names: Iterable[tuple[str, int]]) -> dict[str, ir.Value]:

@@ -57,7 +57,8 @@ def statistics_step(s: State) -> bool:
     o = s.options
     model = s.analysis.model
     s.consumers = consumer_view(s.analysis)
-    wanted = {c.activation: c.activation_axis for c in s.consumers if c.activation is not None}
+    prunable = {g.id for g in s.analysis.channels.groups if g.prunable}  # nothing else is scored or refitted
+    wanted = {c.activation: c.activation_axis for c in s.consumers if c.activation is not None and c.group in prunable}
     calib = open_calibration(o.calibration, model, o.calibration_samples)
     if o.compensate == "calibration" and calib is None:
         raise UsageError("--compensate calibration needs --calibration DATA (a .npz, a folder of .npy files, or feeds from Python)")
@@ -73,9 +74,10 @@ def statistics_step(s: State) -> bool:
         moments, used = collect(model, wanted, calib, path=s.scratch("statistics"), max_samples=o.calibration_samples, seed=o.seed)
     else:
         values = consumer_tensors(model, wanted.items())
+        memo: dict[str, Any] = {}
         for name, axis in wanted.items():
             v = values.get(name)
-            m = bn_proxy(v, axis) if v is not None else None
+            m = bn_proxy(v, axis, memo) if v is not None else None
             if m is not None:
                 moments[name] = m
         rest = {n: a for n, a in wanted.items() if n not in moments}
