@@ -600,5 +600,10 @@ def _nothing_pruned(plan: Plan) -> str:
             counts[b["code"]] = counts.get(b["code"], 0) + 1
     if not counts:
         return "nothing was pruned: every group is at its --min-keep floor for this ratio"
+    if set(counts) == {"weight_input"}:
+        return (
+            f"nothing was pruned: the weights of all {counts['weight_input']} groups are graph inputs, kept overridable"
+            " by --keep-weight-inputs (without it they are pruned as weights)"
+        )
     top = ", ".join(f"{n} groups frozen by {code}" for code, n in sorted(counts.items(), key=lambda kv: -kv[1])[:3])
     return f"nothing was pruned: {top} (spa inspect lists the reasons)"

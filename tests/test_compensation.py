@@ -322,3 +322,25 @@ def test_activation_criterion_reads_abs_means() -> None:
     inputs = CriterionInputs(weight=lambda n: analysis.model.graph.initializers[n].const_value.numpy(), consumers=view, moments=moments)
     scores = CRITERIA["activation"].group_scores(group, inputs, 0)
     np.testing.assert_allclose(scores[c.unit_of_column], abs_mean / abs_mean.mean())
+
+
+def test_data_free_with_token_ids_refuses_the_synthetic_fallback() -> None:
+    """Random ids say nothing about real activations: no compensation, and a warning saying so."""
+    proto = model(
+        """
+agraph (int64[1, 6] ids) => (float[1, 6, 4] Y) {
+    e = Gather (E, ids)
+    a = MatMul (e, W1)
+    b = Relu (a)
+    Y = MatMul (b, W2)
+}
+""",
+        E=(10, 4),
+        W1=(4, 8),
+        W2=(8, 4),
+    )
+    res = spa.prune(proto, ratio=0.5, benchmark=False, compensate="data-free")
+    assert res.report.oracle["passed"]
+    assert any("integer inputs (ids)" in w and "--calibration" in w for w in res.report.warnings), res.report.warnings
+    c = res.report.compensation
+    assert c["consumers_compensated"] == 0 and c["skipped"] == {"no statistics for its input": len(c["consumers"])}

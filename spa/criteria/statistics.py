@@ -31,13 +31,18 @@ def _usable(inputs: CriterionInputs, group: Group):
             yield c, m
 
 
-@register_criterion
-class Activation(Criterion):
-    name = "activation"
+class _StatisticsCriterion(Criterion):
+    """Scores whole groups from the consumer view and the moments (no per-weight score)."""
+
     needs = frozenset({"consumers", "moments"})
 
     def local_scores(self, weight: np.ndarray, axis: int, role: Role, name: str, inputs: CriterionInputs) -> np.ndarray:
-        raise NotImplementedError("activation scores whole groups")  # pragma: no cover
+        raise NotImplementedError(f"{self.name} scores whole groups")  # pragma: no cover
+
+
+@register_criterion
+class Activation(_StatisticsCriterion):
+    name = "activation"
 
     def group_scores(self, group: Group, inputs: CriterionInputs, group_index: int) -> np.ndarray:
         total = np.zeros(group.n_units)
@@ -94,12 +99,8 @@ def obs_unit_errors(c, m, W: np.ndarray, n_units: int, damp: float = DAMP) -> np
 
 
 @register_criterion
-class OBS(Criterion):
+class OBS(_StatisticsCriterion):
     name = "obs"
-    needs = frozenset({"consumers", "moments"})
-
-    def local_scores(self, weight: np.ndarray, axis: int, role: Role, name: str, inputs: CriterionInputs) -> np.ndarray:
-        raise NotImplementedError("obs scores whole groups")  # pragma: no cover
 
     def group_scores(self, group: Group, inputs: CriterionInputs, group_index: int) -> np.ndarray | None:
         """Summed relative errors, or None when no consumer of the group can be compensated."""

@@ -33,7 +33,7 @@ from spa.analysis.moments import Moments, bn_proxy, collect, collect_pairs, cons
 from spa.calibration import open_calibration
 from spa.compensation import Compensation, compensate_model, consumers_by_weight, removed_units
 from spa.errors import UsageError
-from spa.inputs import make_feeds, resolve_input_shapes
+from spa.inputs import graph_inputs, make_feeds, resolve_input_shapes
 
 if TYPE_CHECKING:  # pragma: no cover
     from spa.pipeline import State
@@ -81,6 +81,15 @@ def statistics_step(s: State) -> bool:
             if m is not None:
                 moments[name] = m
         rest = {n: a for n, a in wanted.items() if n not in moments}
+        integer = [v.name for v in graph_inputs(model) if v.dtype is not None and not v.dtype.is_floating_point()]
+        if rest and integer:
+            # Random token ids / masks say nothing about real activations: measured on MiniLM,
+            # compensating from them made the embeddings worse than not compensating at all.
+            s.warnings.append(
+                f"data-free: {len(rest)} consumer inputs have no BatchNorm statistics and the model has integer inputs "
+                f"({', '.join(integer)}), so no synthetic fallback: they are not compensated (give --calibration)"
+            )
+            rest = {}
         if rest:
             shapes = resolve_input_shapes(model, o.input_shapes)
             feeds = (make_feeds(model, shapes, seed=o.seed + 1 + k, values=o.input_values) for k in range(SYNTHETIC_SAMPLES))
