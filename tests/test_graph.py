@@ -62,3 +62,26 @@ def test_is_constant_and_its_reexport():
     assert graph.is_constant(w)
     g.inputs.append(w)  # an initializer a caller may override is no constant
     assert not graph.is_constant(w)
+
+
+def test_fold_shapes_reads_the_ai_onnx_spelling():
+    """Squeeze-11 takes its axes as an attribute: evaluated at opset 17 (the old fallback when
+    the default domain is imported as "ai.onnx") it would not fold."""
+    import onnx.helper as oh
+    from onnx import TensorProto
+
+    from spa.passes.fold_shapes import FoldShapesPass
+
+    nodes = [
+        oh.make_node("Shape", ["x"], ["s"]),
+        oh.make_node("Unsqueeze", ["s"], ["u"], axes=[0]),
+        oh.make_node("Squeeze", ["u"], ["q"], axes=[0]),
+        oh.make_node("Reshape", ["x", "q"], ["y"]),
+    ]
+    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])], [oh.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    proto = oh.make_model(graph, opset_imports=[oh.make_opsetid("ai.onnx", 11)], ir_version=7)
+    model = ir.from_proto(proto)
+    FoldShapesPass()(model)
+    reshape = next(n for n in model.graph if n.op_type == "Reshape")
+    assert reshape.inputs[1].const_value is not None
+    assert reshape.inputs[1].const_value.numpy().tolist() == [2, 3]

@@ -25,6 +25,8 @@ import onnx
 import onnx.reference
 import onnx_ir as ir
 
+from spa.graph import default_opset
+
 __all__ = ["FoldShapesPass", "evaluate_node"]
 
 logger = logging.getLogger(__name__)
@@ -63,7 +65,7 @@ class FoldShapesPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        opset = self.opset or model.opset_imports.get("", 17)
+        opset = self.opset or default_opset(model, 17)  # "" or "ai.onnx"
         count = 0
         for node in list(graph):
             if node.domain not in ("", "ai.onnx") or len(node.outputs) != 1:
