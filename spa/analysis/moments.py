@@ -285,7 +285,7 @@ def _bn_params(node: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:
     return bias.const_value.numpy().astype(np.float64).reshape(-1), scale.const_value.numpy().astype(np.float64).reshape(-1)
 
 
-_GRID = np.linspace(-8.0, 8.0, 1601)
+_GRID = np.linspace(-8.0, 8.0, 401)
 _GRID_W = np.exp(-0.5 * _GRID**2)
 _GRID_W = _GRID_W / _GRID_W.sum()
 
