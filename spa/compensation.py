@@ -151,6 +151,10 @@ def refit(W: np.ndarray, keep: np.ndarray, p: PairMoments, *, damp: float = DAMP
     return sol[:, :k], beta, max(before, 0.0), max(after, 0.0), energy
 
 
+def _arrays(m: Moments | PairMoments) -> list[np.ndarray]:
+    return [m.second, m.mean] + ([m.cross, m.orig_second, m.orig_mean] if isinstance(m, PairMoments) else [])
+
+
 def quadratic_trace(W: np.ndarray, H: np.ndarray) -> float:
     """tr(W H Wᵀ) through BLAS (a three-operand einsum is a naive loop: minutes on ResNet-50)."""
     return float(np.vdot(W @ H, W))
@@ -228,7 +232,7 @@ def compensate_model(
         m = moments.get(c.activation)
         if reason is None and (m is None or m.mean.shape[0] != c.activation_size):
             reason = "no statistics for its input"
-        if reason is None and not (np.isfinite(m.second).all() and np.isfinite(m.mean).all() and np.isfinite(getattr(m, "cross", 0.0)).all()):
+        if reason is None and not all(np.isfinite(a).all() for a in _arrays(m)):
             reason = "statistics hold NaN/inf"
         if reason is not None:
             fix.skipped = reason

@@ -32,6 +32,7 @@ from spa.analysis.consumers import consumer_view
 from spa.analysis.moments import Moments, bn_proxy, collect, collect_pairs, consumer_tensors, exposing_session
 from spa.calibration import open_calibration
 from spa.compensation import Compensation, compensate_model, consumers_by_weight, removed_units
+from spa.criteria import get_criterion
 from spa.errors import UsageError
 from spa.inputs import graph_inputs, make_feeds, resolve_input_shapes
 
@@ -48,8 +49,6 @@ ERROR_SAMPLES = 16
 
 
 def needs_statistics(s: State) -> bool:
-    from spa.criteria import get_criterion
-
     return s.options.compensate != "none" or "moments" in get_criterion(s.options.criterion).needs
 
 
@@ -65,42 +64,50 @@ def statistics_step(s: State) -> bool:
     s.calibration = calib
     moments: dict[str, Moments] = {}
     used = 0
-    from spa.criteria import get_criterion
-
     sequential = o.compensate == "calibration" and o.calibration_order == "sequential"
     if calib is not None and sequential and "moments" not in get_criterion(o.criterion).needs:
         pass  # the sequential refit collects its own statistics, layer by layer
     elif calib is not None and o.compensate != "data-free":
         moments, used = collect(model, wanted, calib, path=s.scratch("statistics"), max_samples=o.calibration_samples, seed=o.seed)
     else:
-        values = consumer_tensors(model, wanted.items())
-        memo: dict[str, Any] = {}
-        for name, axis in wanted.items():
-            v = values.get(name)
-            m = bn_proxy(v, axis, memo) if v is not None else None
-            if m is not None:
-                moments[name] = m
-        rest = {n: a for n, a in wanted.items() if n not in moments}
-        integer = [v.name for v in graph_inputs(model) if v.dtype is not None and not v.dtype.is_floating_point()]
-        if rest and integer:
-            # Random token ids / masks say nothing about real activations: measured on MiniLM,
-            # compensating from them made the embeddings worse than not compensating at all.
-            s.warnings.append(
-                f"data-free: {len(rest)} consumer inputs have no BatchNorm statistics and the model has integer inputs "
-                f"({', '.join(integer)}), so no synthetic fallback: they are not compensated (give --calibration)"
-            )
-            rest = {}
-        if rest:
-            shapes = resolve_input_shapes(model, o.input_shapes)
-            feeds = (make_feeds(model, shapes, seed=o.seed + 1 + k, values=o.input_values) for k in range(SYNTHETIC_SAMPLES))
-            found, used = collect(model, rest, feeds, path=s.scratch("statistics"), source="synthetic", seed=o.seed)
-            moments.update(found)
+        moments, used = _data_free_moments(s, wanted)
     s.moments = moments
     sources: dict[str, int] = {}
     for m in moments.values():
         sources[m.source] = sources.get(m.source, 0) + 1
     s.notes["statistics"] = {"tensors": len(wanted), "by_source": sources, "samples": used}
     return False
+
+
+def _data_free_moments(s: State, wanted: Mapping[str, int]) -> tuple[dict[str, Moments], int]:
+    """BatchNorm statistics where they reach; seeded synthetic inputs for the rest, except on
+    models with integer inputs. Returns the moments and the synthetic samples run."""
+    o, model = s.options, s.analysis.model
+    values = consumer_tensors(model, wanted.items())
+    memo: dict[str, Any] = {}
+    moments: dict[str, Moments] = {}
+    for name, axis in wanted.items():
+        v = values.get(name)
+        m = bn_proxy(v, axis, memo) if v is not None else None
+        if m is not None:
+            moments[name] = m
+    rest = {n: a for n, a in wanted.items() if n not in moments}
+    integer = [v.name for v in graph_inputs(model) if v.dtype is not None and not v.dtype.is_floating_point()]
+    if rest and integer:
+        # Random token ids / masks say nothing about real activations: measured on MiniLM,
+        # compensating from them made the embeddings worse than not compensating at all.
+        s.warnings.append(
+            f"data-free: {len(rest)} consumer inputs have no BatchNorm statistics and the model has integer inputs "
+            f"({', '.join(integer)}), so no synthetic fallback: they are not compensated (give --calibration)"
+        )
+        return moments, 0
+    if not rest:
+        return moments, 0
+    shapes = resolve_input_shapes(model, o.input_shapes)
+    feeds = (make_feeds(model, shapes, seed=o.seed + 1 + k, values=o.input_values) for k in range(SYNTHETIC_SAMPLES))
+    found, used = collect(model, rest, feeds, path=s.scratch("statistics"), source="synthetic", seed=o.seed)
+    moments.update(found)
+    return moments, used
 
 
 def compensate_step(s: State) -> bool:
