@@ -470,24 +470,13 @@ def at_opset(
     current = _default_opset(dict(model.opset_imports))
     if current is None or current == opset:
         return model, None
-    external = {
-        name: v.const_value
-        for g in model.graphs()
-        for name, v in g.initializers.items()
-        if isinstance(v.const_value, ir.ExternalTensor)
-    }
+    external = upgrade_opset.external_tensors(model)
     back, why = upgrade_opset.downgrade_or_reason(ir.to_proto(model), opset)
     if back is None:
         return None, f"the version converter cannot write opset {opset} ({why})"
     converted = ir.from_proto(back)
     del back
-    for g in converted.graphs():
-        for name, v in g.initializers.items():
-            tensor = external.get(name)
-            if tensor is not None and v.const_value is not None and v.const_value.shape == tensor.shape and v.const_value.dtype == tensor.dtype:
-                v.const_value = tensor
-    for key, value in model.meta.items():
-        converted.meta[key] = list(value) if isinstance(value, list) else value
+    upgrade_opset.carry_over(model, converted, external)
     from spa import verify  # late: verify imports planning, which the loading path must not
 
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="spa-opset-"))

@@ -56,6 +56,29 @@ ATOL = 1e-5
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
+
+def external_tensors(model: ir.Model) -> dict[str, ir.ExternalTensor]:
+    """The model's lazy external weights by name (kept out of a conversion, see :func:`carry_over`)."""
+    return {
+        name: v.const_value
+        for g in model.graphs()
+        for name, v in g.initializers.items()
+        if isinstance(v.const_value, ir.ExternalTensor)
+    }
+
+
+def carry_over(model: ir.Model, converted: ir.Model, external: dict[str, ir.ExternalTensor]) -> None:
+    """Give ``converted`` (a version-converted copy of ``model``) back the very same external
+    tensor objects where the converter left them unchanged, and ``model``'s metadata."""
+    for g in converted.graphs():
+        for name, v in g.initializers.items():
+            tensor = external.get(name)
+            if tensor is not None and v.const_value is not None and v.const_value.shape == tensor.shape and v.const_value.dtype == tensor.dtype:
+                v.const_value = tensor
+    for key, value in model.meta.items():
+        converted.meta[key] = list(value) if isinstance(value, list) else value
+
+
 def default_opset(model: ir.Model | onnx.ModelProto) -> int | None:
     if isinstance(model, onnx.ModelProto):
         opsets = {o.domain: o.version for o in model.opset_import}
@@ -82,12 +105,7 @@ def upgrade(model: ir.Model, *, where: str = "model", target: int = TARGET_OPSET
         return model
     # The converter works on protos. External tensors serialize as references (no bytes);
     # remember them by name to re-attach the lazy originals.
-    external = {
-        name: v.const_value
-        for g in model.graphs()
-        for name, v in g.initializers.items()
-        if isinstance(v.const_value, ir.ExternalTensor)
-    }
+    external = external_tensors(model)
     proto = ir.to_proto(model)
     try:
         converted = onnx.version_converter.convert_version(proto, target)
@@ -101,13 +119,7 @@ def upgrade(model: ir.Model, *, where: str = "model", target: int = TARGET_OPSET
     except Exception as exc:  # noqa: BLE001
         raise UnsupportedError(f"{where}: the opset {old} → {target} upgrade gave an unreadable model ({_one_line(exc)})") from exc
     del converted
-    for g in upgraded.graphs():
-        for name, v in g.initializers.items():
-            tensor = external.get(name)
-            if tensor is not None and v.const_value is not None and v.const_value.shape == tensor.shape and v.const_value.dtype == tensor.dtype:
-                v.const_value = tensor
-    for key, value in model.meta.items():
-        upgraded.meta[key] = list(value) if isinstance(value, list) else value
+    carry_over(model, upgraded, external)
     upgraded.meta[UPGRADED_FROM_KEY] = old
     add_note(upgraded, f"upgraded from default-domain opset {old} to {target} with onnx.version_converter "
                        f"(spa's channel rules cover opsets 11..23)")
