@@ -89,12 +89,14 @@ class _Accumulator:
         return Moments(self.s1 / n, self.s2 / n, self.sa / n, self.n, source)
 
 
-def _positions(array: np.ndarray, axis: int, rng: np.random.Generator) -> np.ndarray:
-    """The activation as [C, positions], at most MAX_POSITIONS positions (seeded sample)."""
-    x = np.moveaxis(np.asarray(array), axis, 0).reshape(array.shape[axis], -1)
-    if x.shape[1] > MAX_POSITIONS:
-        x = x[:, np.sort(rng.choice(x.shape[1], MAX_POSITIONS, replace=False))]
-    return x
+def _positions(arrays: list[np.ndarray], axis: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Same-shape activations as [C, positions], at most MAX_POSITIONS positions, the same
+    seeded sample of positions for all of them."""
+    xs = [np.moveaxis(np.asarray(a), axis, 0).reshape(a.shape[axis], -1) for a in arrays]
+    if xs[0].shape[1] > MAX_POSITIONS:
+        pick = np.sort(rng.choice(xs[0].shape[1], MAX_POSITIONS, replace=False))
+        xs = [x[:, pick] for x in xs]
+    return xs
 
 
 def collect(
@@ -128,7 +130,7 @@ def collect(
                 continue
             axis = tensors[name] % out.ndim
             acc = accs.setdefault(name, _Accumulator(out.shape[axis]))
-            acc.add(_positions(out, axis, rng))
+            acc.add(*_positions([out], axis, rng))
         first = next(iter(feed.values()), None)
         samples += int(first.shape[0]) if first is not None and np.ndim(first) else 1
     return {n: a.moments(source) for n, a in accs.items()}, samples
@@ -197,11 +199,7 @@ def collect_pairs(
             if x.dtype.kind != "f" or x.ndim == 0 or x.shape != xh.shape:
                 continue
             axis = tensors[name] % x.ndim
-            a = np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
-            b = np.moveaxis(xh, axis, 0).reshape(x.shape[axis], -1)
-            if a.shape[1] > MAX_POSITIONS:
-                pick = np.sort(rng.choice(a.shape[1], MAX_POSITIONS, replace=False))
-                a, b = a[:, pick], b[:, pick]
+            a, b = _positions([x, xh], axis, rng)
             accs.setdefault(name, _PairAccumulator(a.shape[0])).add(a, b)
     return {n: acc.moments() for n, acc in accs.items()}
 
