@@ -15,6 +15,15 @@ __all__ = [
     "VerificationError",
     "PlanMismatchError",
     "PlanError",
+    "UnsafePathError",
+    "CycleError",
+    "DanglingValueError",
+    "DuplicateProducerError",
+    "ShapeMismatchError",
+    "UnknownDataTypeError",
+    "InvalidNodeError",
+    "MemoryLimitError",
+    "NonFiniteOutputError",
 ]
 
 
@@ -57,3 +66,48 @@ class PlanMismatchError(SpaError):
 class PlanError(UsageError):
     """A plan document that is not a valid spa plan (a missing key, a wrong type, an unknown
     or out-of-range option, an unsupported version). The message names the field."""
+
+
+# -- refusals of hostile or malformed models (spa.safety); each names the file and the problem --
+
+
+class UnsafePathError(InvalidModelError):
+    """An external-data location that leaves the model's folder (``..``, an absolute path, a
+    symlink of the file or of a folder on the way, a hard link), or is empty, holds a NUL byte,
+    or names a device, FIFO or folder."""
+
+
+class CycleError(InvalidModelError):
+    """A graph whose nodes depend on each other in a loop, or a model-local function that
+    (directly or not) calls itself."""
+
+
+class DanglingValueError(InvalidModelError):
+    """A node input or graph output that nothing produces (no node, input or initializer)."""
+
+
+class DuplicateProducerError(InvalidModelError):
+    """A value produced twice (two nodes, or a node and an input or initializer)."""
+
+
+class ShapeMismatchError(InvalidModelError):
+    """Declared dims that disagree with the data: a tensor whose payload is not the size its
+    dims need, negative dims, or a declared shape that contradicts an initializer's."""
+
+
+class UnknownDataTypeError(InvalidModelError):
+    """A tensor or value of data type UNDEFINED or of a number ONNX does not define."""
+
+
+class InvalidNodeError(InvalidModelError):
+    """A node its operator's schema refuses (unknown operator, wrong attribute type, wrong
+    number of inputs) or whose weights cannot fit the operator (a Conv weight of the wrong rank)."""
+
+
+class MemoryLimitError(UnsupportedError):
+    """The model's declared tensor sizes exceed the memory ceiling for analysis (``--max-memory``)."""
+
+
+class NonFiniteOutputError(UnsupportedError):
+    """The original model already produces NaN or inf on the verification inputs, so no
+    comparison can prove the pruned model right. The message names the output."""

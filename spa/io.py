@@ -48,6 +48,7 @@ import onnx
 import onnx_ir as ir
 
 from spa.errors import InvalidModelError, OutputError, SpaError, UnsupportedError
+from spa import safety
 from spa.passes import upgrade_opset
 
 __all__ = [
@@ -63,6 +64,12 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# ONNX Runtime (1.2x+ Linux wheels) starts a telemetry session when imported and writes
+# ``$TMPDIR/.ses`` (a timestamp and a UUID), which it never removes: every spa run would leave
+# it in the temporary folder. Every ORT import in spa happens after this module is imported;
+# a user who sets the variable keeps their value.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 #: Default-domain opset versions spa's channel rules are written and tested for.
 SUPPORTED_OPSETS = range(11, 24)
@@ -83,7 +90,7 @@ _HASH_CHUNK = 1 << 20
 # --------------------------------------------------------------------------------------------
 
 
-def load_model(source: str | os.PathLike[str] | onnx.ModelProto | ir.Model) -> ir.Model:
+def load_model(source: str | os.PathLike[str] | onnx.ModelProto | ir.Model, *, max_memory: int | None = None) -> ir.Model:
     """Load a model from a path, an ``onnx.ModelProto`` or an ``ir.Model``, refusing bad input.
 
     A path is checked before it is opened (missing, directory, not a regular file, empty),
@@ -96,32 +103,43 @@ def load_model(source: str | os.PathLike[str] | onnx.ModelProto | ir.Model) -> i
     a new object (also for an ``ir.Model``) whose ``meta["spa.upgraded_from"]`` holds the old
     opset.
 
+    A path or a ModelProto first goes through :func:`spa.safety.check_proto` (external data
+    paths, tensor sizes, cycles, dangling values, node schemas, the memory ceiling
+    ``max_memory`` in bytes, default :func:`spa.safety.default_max_memory`), before any IR is
+    built or any weight read.
+
     Raises:
         InvalidModelError: the input is not a loadable ONNX model (one-line message naming
-            the path).
+            the path); its subclasses in ``spa.errors`` name the structural problem.
         UnsupportedError: a valid model spa cannot handle (opset outside
-            ``SUPPORTED_OPSETS``, node in an unknown domain).
+            ``SUPPORTED_OPSETS``, node in an unknown domain, more memory than ``max_memory``).
     """
     if isinstance(source, ir.Model):
         check_model_structure(source, where="model", allow_upgrade=True)
         return _upgraded(source, "model")
+    limit = safety.resolve_max_memory(max_memory)
     if isinstance(source, onnx.ModelProto):
+        # An in-memory proto's relative external data is read from the working folder (as
+        # onnx-ir does), so that is the folder it must stay in.
+        order = safety.check_proto(source, where="ModelProto", base_dir=os.getcwd())
         try:
             model = ir.from_proto(source)
         except Exception as exc:  # foreign input: any failure to convert means "invalid"
-            raise InvalidModelError(f"ModelProto: cannot convert ({_one_line(exc)})") from exc
+            raise InvalidModelError(f"ModelProto: cannot convert ({_root_cause(exc)})") from exc
         check_model_structure(model, where="ModelProto", allow_upgrade=True)
+        safety.check_ops(source, order, where="ModelProto", max_memory=limit)
         return _upgraded(model, "ModelProto")
     if isinstance(source, (str, os.PathLike)):
-        return _load_path(os.fspath(source))
+        return _load_path(os.fspath(source), limit)
     raise InvalidModelError(
         f"cannot load a model from {type(source).__name__}: expected a path, an "
         "onnx.ModelProto or an onnx_ir.Model"
     )
 
 
-def _load_path(path: str) -> ir.Model:
-    """Check the file by metadata alone, then parse it; see the module docstring for why."""
+def _load_path(path: str, max_memory: int) -> ir.Model:
+    """Check the file by metadata alone, parse it, check the proto (``spa.safety``), then
+    build the IR (what ``ir.load`` does, with the checks in between)."""
     _check_input_file(path)
     # An absolute path gives external tensors an absolute base_dir, so a later chdir does not
     # break them, and turns on onnx-ir's path-containment checks (they skip an empty base_dir).
@@ -129,14 +147,24 @@ def _load_path(path: str) -> ir.Model:
     try:
         # Always protobuf: onnx guesses the format from the extension, which would make a
         # random "weights.json" go through the JSON parser.
-        model = ir.load(abs_path, format="protobuf")
+        proto = onnx.load(abs_path, format="protobuf", load_external_data=False)
     except OSError as exc:
         raise InvalidModelError(f"{path}: cannot read ({_os_reason(exc)})") from exc
     except Exception as exc:  # DecodeError, ValueError … from parsing foreign bytes
         raise InvalidModelError(
             f"{path}: not a valid ONNX model (protobuf parse failed: {_one_line(exc)})"
         ) from exc
+    base_dir = os.path.dirname(abs_path)
+    order = safety.check_proto(proto, where=path, base_dir=base_dir)
+    try:
+        model = ir.from_proto(proto)
+    except Exception as exc:  # onnx-ir refuses what the checks above let through
+        raise InvalidModelError(f"{path}: not a valid ONNX model ({_root_cause(exc)})") from exc
+    ir.external_data.set_base_dir(model.graph, base_dir)
     check_model_structure(model, where=path, allow_upgrade=True)
+    safety.check_ops(proto, order, where=path, max_memory=max_memory)
+    del proto
+    _remember_data_files(abs_path, model)
     model = _upgraded(model, path)
     logger.debug("loaded %s: %d nodes, %d initializers", path, len(model.graph),
                  len(model.graph.initializers))
@@ -167,21 +195,9 @@ def _check_input_file(path: str) -> None:
     if stat.S_ISDIR(mode):
         raise InvalidModelError(f"{path}: is a directory, not an ONNX file")
     if not stat.S_ISREG(mode):
-        raise InvalidModelError(f"{path}: not a regular file ({_file_kind(mode)})")
+        raise InvalidModelError(f"{path}: not a regular file ({safety.file_kind(mode)})")
     if st.st_size == 0:
         raise InvalidModelError(f"{path}: empty file")
-
-
-def _file_kind(mode: int) -> str:
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISCHR(mode):
-        return "a character device"
-    if stat.S_ISBLK(mode):
-        return "a block device"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "not a plain file"
 
 
 def check_model_structure(model: ir.Model, *, where: str = "model", allow_upgrade: bool = False) -> None:
@@ -275,24 +291,11 @@ def _check_tensors(model: ir.Model, where: str) -> None:
 def _check_external_tensor(tensor: ir.ExternalTensor, where: str, sizes: dict[str, int]) -> None:
     location = os.fspath(tensor.location)
     name = tensor.name
-    if os.path.isabs(location) or os.path.normpath(location).split(os.sep)[0] == os.pardir:
-        raise InvalidModelError(f"{where}: external data {location!r} of tensor {name!r} "
-                                "is outside the model's folder")
-    data_path = tensor.path
+    base_dir = os.fspath(tensor.base_dir) if tensor.base_dir else os.getcwd()
+    # The same rules as for a file being loaded (no escape, no symlink out, no device …).
+    data_path = safety.check_external_location(location, base_dir, where=where, what=f"tensor {name!r}")
     if data_path not in sizes:
-        try:
-            st = os.stat(data_path)
-        except OSError as exc:
-            raise InvalidModelError(
-                f"{where}: external data file {location!r} of tensor {name!r} is missing or "
-                f"unreadable ({_os_reason(exc)})"
-            ) from exc
-        if not stat.S_ISREG(st.st_mode):
-            raise InvalidModelError(f"{where}: external data {location!r} is not a regular file "
-                                    f"({_file_kind(st.st_mode)})")
-        if not os.access(data_path, os.R_OK):
-            raise InvalidModelError(f"{where}: external data file {location!r} is not readable")
-        sizes[data_path] = st.st_size
+        sizes[data_path] = os.stat(data_path).st_size
     offset = tensor.offset or 0
     needed = tensor.nbytes
     if tensor.length is not None and tensor.length < needed:
@@ -402,7 +405,10 @@ def save_model(
         else:
             model = converted
     model_files = _external_files(model)
-    _check_not_overwriting(out, data_out, model_files, source_path, in_place)
+    # The pruned model reads nothing from the input's data files any more, but they are still
+    # the input's: never write over them either.
+    guarded = model_files | (_source_data_files(source_path) if source_path is not None else set())
+    _check_not_overwriting(out, data_out, guarded, source_path, in_place)
 
     has_external = any(isinstance(t, ir.ExternalTensor) for t in _initializer_tensors(model))
     total = sum(t.nbytes for t in _initializer_tensors(model))
@@ -537,6 +543,47 @@ def _same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
+#: model file (real path) → ((mtime_ns, size), its external data files): filled when a model is
+#: loaded, so that output checks know the input's data files without parsing it again.
+_DATA_FILES: dict[str, tuple[tuple[int, int], frozenset[str]]] = {}
+
+
+def _remember_data_files(abs_path: str, model: ir.Model) -> None:
+    try:
+        st = os.stat(abs_path)
+    except OSError:
+        return
+    _DATA_FILES[os.path.realpath(abs_path)] = ((st.st_mtime_ns, st.st_size), frozenset(_external_files(model)))
+
+
+def _source_data_files(source_path: str | os.PathLike[str], *, parse: bool = True) -> set[str]:
+    """The external data files of the model file ``source_path``: remembered at load, else (with
+    ``parse``, and only for a regular file: never a FIFO or device) read from its protobuf
+    without loading any weight."""
+    key = os.path.realpath(source_path)
+    try:
+        st = os.stat(key)
+    except OSError:
+        return set()
+    cached = _DATA_FILES.get(key)
+    if cached is not None and cached[0] == (st.st_mtime_ns, st.st_size):
+        return set(cached[1])
+    if not parse or not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+        return set()
+    try:
+        proto = onnx.load(key, format="protobuf", load_external_data=False)
+    except Exception:  # noqa: BLE001 - not a model we could read: nothing of it to guard
+        return set()
+    base = os.path.dirname(key)
+    files = set()
+    for t in onnx.external_data_helper._get_all_tensors(proto):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            loc = next((e.value for e in t.external_data if e.key == "location"), "")
+            if loc and "\0" not in loc:
+                files.add(os.path.abspath(os.path.join(base, loc)))
+    return files
+
+
 def _initializer_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
     for graph in model.graphs():
         for value in graph.initializers.values():
@@ -616,6 +663,14 @@ def _fsync_dir(path: pathlib.Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _root_cause(exc: BaseException) -> str:
+    """The innermost message of a chain: onnx-ir wraps a failure in "Error calling
+    _deserialize_graph with: …" once per level, which says nothing about the problem."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return _one_line(exc)
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 200 else text[:197] + "..."
@@ -648,4 +703,9 @@ def check_output_path(path: str | os.PathLike[str], *, source_path: str | os.Pat
     _check_output_folder(out)
     if not in_place and source_path is not None and os.path.exists(source_path) and _same_file(out, source_path):
         raise OutputError(f"{out}: would overwrite the input model (use --in-place)")
+    if source_path is not None and os.path.exists(source_path):
+        data_out = out.with_name(f"{out.name}.data")
+        for data_file in _source_data_files(source_path, parse=False):  # known once loaded; save checks again
+            if _same_file(out, data_file) or (not in_place and _same_file(data_out, data_file)):
+                raise OutputError(f"{out}: would overwrite {data_file}, which the input model reads its weights from")
     return out

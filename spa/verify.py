@@ -19,13 +19,13 @@ import os
 import pathlib
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
-from spa.errors import UnsupportedError, UsageError, VerificationError
+from spa.errors import NonFiniteOutputError, UnsupportedError, UsageError, VerificationError
 from spa.planning import Plan
 from spa.graph import all_initializers
 from spa.rules.quantize import weight_zero_point
@@ -273,21 +273,28 @@ class Latency:
 def measure_side_by_side(
     paths: Sequence[str | os.PathLike], feeds: Mapping[str, np.ndarray], *, budget_s: float = 2.0, min_runs: int = 5, threads: int = 0
 ) -> Latency:
-    """Latency of each model, measured side by side: runs interleave round-robin and the
-    order rotates every round, so machine noise (and the model-after-model slowdown of ORT's
-    thread pools) hits every model alike. Thread spinning is off (see :func:`session`)."""
+    """ORT latency of each model file, measured side by side (:func:`time_side_by_side`).
+    Thread spinning is off (see :func:`session`)."""
     sessions = [session(p, threads=threads, pruned=i > 0) for i, p in enumerate(paths)]
     for i, s in enumerate(sessions):  # warm-up, and the first run's errors named properly
         run(s, feeds, pruned=i > 0)
-    times: list[list[float]] = [[] for _ in sessions]
+    return time_side_by_side([lambda s=s: s.run(None, dict(feeds)) for s in sessions], budget_s=budget_s, min_runs=min_runs)
+
+
+def time_side_by_side(runners: Sequence[Callable[[], object]], *, budget_s: float = 2.0, min_runs: int = 5) -> Latency:
+    """Latency of each callable (warmed up by the caller), measured side by side: runs
+    interleave round-robin and the order rotates every round, so machine noise (and the
+    model-after-model slowdown of ORT's thread pools) hits every one alike. The ratio spread
+    is first over last."""
+    times: list[list[float]] = [[] for _ in runners]
     start = time.perf_counter()
     rounds = 0
-    n = len(sessions)
+    n = len(runners)
     while rounds < min_runs or (time.perf_counter() - start < budget_s and rounds < 1000):
         for k in range(n):
             i = (rounds + k) % n
             t0 = time.perf_counter()
-            sessions[i].run(None, dict(feeds))
+            runners[i]()
             times[i].append((time.perf_counter() - t0) * 1e3)
         rounds += 1
     arr = [np.asarray(t) for t in times]
@@ -345,6 +352,8 @@ def prove(analysis, plan: Plan, original_path: pathlib.Path, pruned_path: pathli
     that fails alone (each re-planned from ``analysis`` and cut from the original file).
     """
     result = oracle_files(original_path, pruned_path, plan, feeds, scratch("masked"))
+    if not result.passed:
+        _refuse_nonfinite(analysis.source, original_path, feeds)
     inexact = sorted({g.id for g in plan.groups if g.removed and g.inexact})
     out = result.to_json() | {"inexact_groups": inexact, "asserted": not inexact}
     if inexact:
@@ -362,6 +371,22 @@ def prove(analysis, plan: Plan, original_path: pathlib.Path, pruned_path: pathli
             max_diff=result.max_abs_diff,
         )
     return out
+
+
+def _refuse_nonfinite(source: str, original_path: pathlib.Path, feeds) -> None:
+    """A NaN/inf the original model itself produces is not the surgery's fault, and no
+    comparison proves anything on it: say so, naming the output (NonFiniteOutputError)."""
+    sess = session(original_path)
+    names = [o.name for o in sess.get_outputs()]
+    for name, out in zip(names, run(sess, feeds)):
+        arr = np.asarray(out)
+        if arr.dtype.kind in "fc" and arr.size and not np.all(np.isfinite(arr)):
+            bad = int(np.count_nonzero(~np.isfinite(arr)))
+            raise NonFiniteOutputError(
+                f"{source}: the original model already produces NaN/inf on output '{name}' ({bad} of {arr.size} "
+                "values) for the verification inputs, so the oracle cannot compare it with the pruned model "
+                "(a BatchNormalization with a negative variance?); fix the model or use --verify check"
+            )
 
 
 def _prove_part(analysis, plan: Plan, keep, original_path: pathlib.Path, feeds, scratch) -> OracleResult | None:
