@@ -74,6 +74,7 @@ class Method:
     importance: str = ""
     finetune: bool = False
     default: bool = True
+    data_free_method: str = ""  # spa's PruneOptions.data_free_method ("" = spa's default)
 
 
 METHODS = (
@@ -83,6 +84,8 @@ METHODS = (
     Method("spa-l1-cal", "spa l1 + calibration", "spa", "l1", "calibration", calibration=True),
     Method("spa-obs-df", "spa obs + data-free", "spa", "obs", "data-free"),
     Method("spa-obs-cal", "spa obs + calibration", "spa", "obs", "calibration", calibration=True),
+    Method("spa-l1-udfc", "spa l1 + data-free udfc", "spa", "l1", "data-free", data_free_method="udfc"),
+    Method("spa-obs-udfc", "spa obs + data-free udfc", "spa", "obs", "data-free", data_free_method="udfc"),
     Method("spa-fpgm", "spa fpgm", "spa", "fpgm", default=False),
     Method("spa-bn", "spa bn", "spa", "bn", default=False),
     Method("spa-activation", "spa activation", "spa", "activation", calibration=True, default=False),
@@ -194,6 +197,8 @@ def spa_unavailable(m: Method, feats: dict[str, Any]) -> str | None:
         return f"{NA}: compensate"
     if m.calibration and "calibration" not in opts:
         return f"{NA}: calibration"
+    if m.data_free_method and "data_free_method" not in opts:
+        return f"{NA}: data_free_method"
     return None
 
 
@@ -207,6 +212,8 @@ def run_spa(task: T.Task, m: Method, cut: float, out: pathlib.Path, feats: dict[
         kw["verify"] = args.verify
     if "compensate" in opts:
         kw["compensate"] = m.compensate
+    if m.data_free_method:
+        kw["data_free_method"] = m.data_free_method
     if m.calibration:
         kw["calibration"] = task.calibration
         if "calibration_samples" in opts:

@@ -121,6 +121,24 @@ def test_independent_channels_reduce_to_mean_shift() -> None:
     np.testing.assert_allclose(beta, [2.0 * 1.0], atol=1e-12)
 
 
+def test_independent_refit_equals_the_dense_solve() -> None:
+    """The BN proxy's closed form (diag + rank one) against the dense ridge solve, dead channel
+    included, with and without a bias column."""
+    rng = np.random.default_rng(4)
+    C = 12
+    mean, var = rng.standard_normal(C), rng.uniform(0.1, 2.0, C)
+    mean[3] = var[3] = 0.0  # a dead kept channel: the unit diagonal path
+    second = np.outer(mean, mean) + np.diag(var)
+    W = rng.standard_normal((7, C))
+    keep = np.array([0, 1, 3, 5, 6, 8, 11])
+    for with_bias in (True, False):
+        fast = refit(W, keep, PairMoments.same(Moments(mean, second, mean, 0, "bn-proxy", independent=True)), with_bias=with_bias)
+        dense = refit(W, keep, PairMoments.same(Moments(mean, second, mean, 0, "bn-proxy")), with_bias=with_bias)
+        for a, b in zip(fast, dense):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        assert fast[3] < fast[2]  # the mean shift helps
+
+
 def test_bn_proxy_moments_match_monte_carlo() -> None:
     proto = model(
         """
@@ -344,3 +362,146 @@ agraph (int64[1, 6] ids) => (float[1, 6, 4] Y) {
     assert any("integer inputs (ids)" in w and "--calibration" in w for w in res.report.warnings), res.report.warnings
     c = res.report.compensation
     assert c["consumers_compensated"] == 0 and c["skipped"] == {"no statistics for its input": len(c["consumers"])}
+
+
+_BN_CHAIN = """
+agraph (float[1, 4, 6, 6] X) => (float[1, 5, 6, 6] Y) {
+    a = Conv <kernel_shape = [1, 1]> (X, W1)
+    b = BatchNormalization (a, S, B, M, V)
+    c = Relu (b)
+    Y = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (c, W2, B2)
+}
+"""
+
+
+def _bn_chain() -> onnx.ModelProto:
+    rng = np.random.default_rng(2)
+    return model(_BN_CHAIN, W1=(8, 4, 1, 1), S=rng.uniform(0.5, 2.0, 8).astype(np.float32), B=rng.standard_normal(8).astype(np.float32),
+                 M=np.zeros(8, np.float32), V=np.ones(8, np.float32), W2=(5, 8, 3, 3), B2=(5,))
+
+
+def test_data_free_bn_model_uses_the_closed_form_and_its_errors_match_ort(monkeypatch) -> None:
+    """On a BN model data-free takes the independent-channel path; the report's measured error
+    of plain pruning (the masked copy handed to ORT as bytes) equals the one from a masked copy
+    written to disk."""
+    from spa.passes import compensate as comp_mod
+
+    proto = _bn_chain()
+    res = spa.prune(proto, ratio=0.5, benchmark=False, compensate="data-free")
+    assert res.report.oracle["passed"]
+    assert res.report.options["statistics"]["by_source"] == {"bn-proxy": 1}
+    fast = res.report.compensation["measured"]["verification"]
+    monkeypatch.setattr(comp_mod, "_in_memory_session", lambda model: None)
+    slow = spa.prune(proto, ratio=0.5, benchmark=False, compensate="data-free").report.compensation["measured"]["verification"]
+    assert fast["error_before"] > 0
+    np.testing.assert_allclose(fast["error_before"], slow["error_before"], rtol=1e-6)
+    np.testing.assert_allclose(fast["error_after"], slow["error_after"], rtol=1e-6)
+    assert fast["error_after"] < fast["error_before"]
+
+
+def test_original_cache_gives_the_same_pairs_as_running_both(tmp_path) -> None:
+    """The sequential refit's cache of the original (one run, on disk) against collect_pairs
+    running both models per level: the same moments, position sampling included."""
+    from spa.analysis.moments import OriginalCache, collect_pairs, exposing_session
+
+    proto = _chain(duplicate=False)
+    original = ir.from_proto(proto)
+    current = ir.from_proto(proto)
+    w2 = current.graph.initializers["W2"]
+    w2.const_value = ir.tensor(w2.const_value.numpy() * 0.7, name="W2")  # a "repaired" upstream
+    levels = [{"b": 1}, {"d": 1, "c": 1}]
+    rng = np.random.default_rng(0)
+    feeds = [{"X": rng.standard_normal((8, 4, 8, 8)).astype(np.float32)} for _ in range(3)]  # 512 positions: sampled
+    sess = exposing_session(original, ["b", "c", "d"], tmp_path / "orig.onnx")
+    cache = OriginalCache(sess, levels, feeds, tmp_path / "cache", seed=5)
+    for k, level in enumerate(levels):
+        want = collect_pairs(sess, current, level, feeds, path=tmp_path / "a.onnx", seed=5)
+        got = cache.pairs(k, current, feeds, path=tmp_path / "b.onnx")
+        assert set(got) == set(want) == set(level)
+        for name in level:
+            for field in ("second", "mean", "cross", "orig_second", "orig_mean"):
+                np.testing.assert_array_equal(getattr(got[name], field), getattr(want[name], field))
+    assert not np.array_equal(got["d"].cross, got["d"].orig_second)  # the two models differ
+    cache.close()
+    assert not list((tmp_path / "cache").iterdir())
+
+
+_BN_DUP = """
+agraph (float[N, 4, 8, 8] X) => (float[N, 6, 8, 8] Y) {
+    a = Conv <kernel_shape = [1, 1]> (X, W1)
+    b = BatchNormalization (a, S, B, M, V)
+    c = Relu (b)
+    Y = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (c, W2, B2)
+}
+"""
+
+
+def _bn_duplicates(flip: bool = False) -> onnx.ModelProto:
+    """W1's filters 4–7 are twice 0–3 and their BatchNorm divides by 2: after BN the channels
+    are equal, so the kept copies can stand in for the removed ones exactly. ``flip``: channel
+    5's γ is negative (its correlations change sign)."""
+    rng = np.random.default_rng(7)
+    w1 = rng.standard_normal((8, 4, 1, 1)).astype(np.float32)
+    w1[4:] = 2.0 * w1[:4]
+    w2 = rng.standard_normal((6, 8, 3, 3)).astype(np.float32)
+    w2[:, :4] *= 0.3  # so that l1 removes the copies 0–3
+    scale = np.ones(8, np.float32)
+    if flip:
+        scale[5] = -1.0
+    var = np.array([1, 1, 1, 1, 4, 4, 4, 4], np.float32)
+    return model(_BN_DUP, W1=w1, S=scale, B=np.zeros(8, np.float32), M=np.zeros(8, np.float32), V=var, W2=w2, B2=(6,))
+
+
+def test_filter_correlation_is_the_normalized_filter_gram() -> None:
+    from spa.analysis.moments import filter_correlation
+
+    proto = _bn_duplicates(flip=True)
+    m = ir.from_proto(onnx.shape_inference.infer_shapes(proto))
+    relu = next(n for n in m.graph if n.op_type == "Relu")
+    R = filter_correlation(relu.outputs[0], 1)
+    F = onnx.numpy_helper.to_array(next(t for t in proto.graph.initializer if t.name == "W1")).reshape(8, -1).astype(np.float64)
+    want = (F @ F.T) / np.outer(np.linalg.norm(F, axis=1), np.linalg.norm(F, axis=1))
+    sign = np.ones(8)
+    sign[5] = -1.0
+    want *= np.outer(sign, sign)
+    np.testing.assert_allclose(R, want, atol=1e-12)
+    np.testing.assert_allclose(R[1, 5], -1.0, atol=1e-6)  # copy of 1, flipped by γ < 0
+    assert filter_correlation(relu.outputs[0], 2) is None  # not the conv's channel axis
+    assert filter_correlation(m.graph.inputs[0], 1) is None  # no producer
+
+
+def test_udfc_rebuilds_removed_copies_from_kept_ones() -> None:
+    """Data-free on BatchNorm statistics alone can only shift the mean; with the producer's
+    filter correlations (udfc) the kept copies replace the removed channels: measured in ORT."""
+    proto = _bn_duplicates()
+    plain = spa.prune(proto, ratio=0.5, benchmark=False)
+    moments = spa.prune(proto, ratio=0.5, benchmark=False, compensate="data-free")
+    udfc = spa.prune(proto, ratio=0.5, benchmark=False, compensate="data-free", data_free_method="udfc")
+    assert sorted(next(g for g in udfc.plan.groups if g.removed).removed) == [0, 1, 2, 3]
+    assert udfc.report.oracle["passed"] and udfc.report.oracle["asserted"]
+    assert udfc.report.options["statistics"]["by_source"] == {"bn-proxy+filters": 1}
+    test = _feeds(4, seed=3)
+    e_plain, e_moments, e_udfc = (_error(proto, r.model, test) for r in (plain, moments, udfc))
+    assert e_udfc < 0.1 * e_plain and e_udfc < 0.2 * e_moments, (e_plain, e_moments, e_udfc)  # the 1 % ridge
+    tight = spa.prune(proto, ratio=0.5, benchmark=False, compensate="data-free", data_free_method="udfc", damp=1e-7)
+    assert _error(proto, tight.model, test) < 1e-3 * e_plain
+    with pytest.raises(UsageError, match="data_free_method"):
+        spa.prune(proto, ratio=0.5, benchmark=False, compensate="data-free", data_free_method="nope")
+
+
+def test_data_free_method_from_the_cli(tmp_path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from spa.cli import cli
+
+    path = tmp_path / "m.onnx"
+    onnx.save(_bn_duplicates(), path)
+    out = tmp_path / "out.onnx"
+    r = CliRunner().invoke(cli, ["prune", str(path), "--compensate", "data-free", "--data-free-method", "udfc", "--no-bench", "-o", str(out), "--report", str(tmp_path / "r.json")])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["options"]["statistics"]["by_source"] == {"bn-proxy+filters": 1}
+    r = CliRunner().invoke(cli, ["prune", str(path), "--compensate", "data-free", "--data-free-method", "nope", "-o", str(out)])
+    assert r.exit_code == 2

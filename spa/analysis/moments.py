@@ -15,6 +15,10 @@ giving a :class:`Moments`:
   zero and compensation reduces to absorbing the removed channels' mean into the bias (§4.1).
 - synthetic feeds (``collect`` on seeded standard-normal inputs): the documented fallback for
   activations that no BatchNorm precedes (a BN folded into its conv at export).
+
+:func:`filter_correlation` gives the BN proxy correlations (``--data-free-method udfc``): those
+of the producing layer's filters. :class:`OriginalCache` serves the sequential calibration
+refit: the original's sampled activations, computed once, on disk.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import onnx_ir as ir
 
 from spa.graph import all_initializers
 
-__all__ = ["Moments", "PairMoments", "collect_pairs", "exposing_session", "collect", "bn_proxy", "activation_function", "MAX_POSITIONS"]
+__all__ = ["Moments", "PairMoments", "OriginalCache", "collect_pairs", "exposing_session", "collect", "bn_proxy", "filter_correlation", "with_filter_correlation", "activation_function", "MAX_POSITIONS"]
 
 #: Positions (batch × spatial) sampled per tensor per batch: E[x xᵀ] converges long before
 #: a 56×56 map's 3136 positions, and C×C×positions is the cost of a batch.
@@ -45,6 +49,9 @@ class Moments:
     abs_mean: np.ndarray  # [C]  E[|x|] (the ``activation`` criterion)
     count: int  # positions averaged
     source: str  # calibration | bn-proxy | synthetic
+    #: ``second`` is exactly ``diag(variance) + mean·meanᵀ`` (independent channels, the BN
+    #: proxy): the refit then has a closed form (``spa.compensation``), O(rows·C), not O(C³).
+    independent: bool = False
 
     @property
     def variance(self) -> np.ndarray:
@@ -63,10 +70,12 @@ class PairMoments:
     orig_second: np.ndarray  # E[x xᵀ]
     orig_mean: np.ndarray  # E[x]
     source: str
+    #: x̂ = x with independent channels (see :attr:`Moments.independent`).
+    independent: bool = False
 
     @classmethod
     def same(cls, m: Moments) -> PairMoments:
-        return cls(m.second, m.mean, m.second, m.second, m.mean, m.source)
+        return cls(m.second, m.mean, m.second, m.second, m.mean, m.source, m.independent)
 
 
 class _Accumulator:
@@ -202,6 +211,88 @@ def collect_pairs(
             a, b = _positions([x, xh], axis, rng)
             accs.setdefault(name, _PairAccumulator(a.shape[0])).add(a, b)
     return {n: acc.moments() for n, acc in accs.items()}
+
+
+class OriginalCache:
+    """The original model's activations at the sampled positions, run once for every level of
+    the sequential refit and kept on disk, so each level runs only the model being repaired.
+
+    ``levels`` is one ``{tensor: channel axis}`` per level, in order. One pass over ``feeds``
+    runs the original with every tensor exposed; per level, positions are drawn exactly as
+    :func:`collect_pairs` draws them (a generator seeded with ``seed`` per level, in feed and
+    tensor order), and each sampled ``[C, positions]`` block and its position indices are
+    appended to that level's scratch file under ``directory``. Memory holds one feed's outputs
+    at a time and an index of offsets: it does not grow with the number of samples; the disk
+    use does (C × MAX_POSITIONS × 4 bytes per tensor and sample).
+    """
+
+    def __init__(self, original: Any, levels: list[Mapping[str, int]], feeds: Iterable[Mapping[str, np.ndarray]], directory: Any, *, seed: int = 0) -> None:
+        import pathlib
+
+        self.levels = [dict(lv) for lv in levels]
+        self.directory = pathlib.Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        names = list(dict.fromkeys(n for lv in self.levels for n in lv))
+        rngs = [np.random.default_rng(seed) for _ in self.levels]
+        files = [open(self._file(k), "wb") for k in range(len(self.levels))]  # noqa: SIM115 - closed below
+        #: per level, per feed: {tensor: (offset, C, positions, picked)}
+        self.index: list[list[dict[str, tuple[int, int, int, bool]]]] = [[] for _ in self.levels]
+        try:
+            for feed in feeds:
+                outs = dict(zip(names, original.run(names, dict(feed)))) if names else {}
+                for k, level in enumerate(self.levels):
+                    entry: dict[str, tuple[int, int, int, bool]] = {}
+                    for name, axis in level.items():
+                        x = np.asarray(outs[name])
+                        if x.dtype.kind != "f" or x.ndim == 0:
+                            continue
+                        x = np.moveaxis(x, axis % x.ndim, 0)
+                        x = x.reshape(x.shape[0], -1)
+                        picked = x.shape[1] > MAX_POSITIONS
+                        pick = np.sort(rngs[k].choice(x.shape[1], MAX_POSITIONS, replace=False)) if picked else None
+                        block = np.ascontiguousarray(x[:, pick] if picked else x, dtype=np.float32)
+                        entry[name] = (files[k].tell(), block.shape[0], block.shape[1], picked)
+                        files[k].write(block.tobytes())
+                        if picked:
+                            files[k].write(pick.astype(np.int64).tobytes())
+                    self.index[k].append(entry)
+                del outs
+        finally:
+            for f in files:
+                f.close()
+
+    def _file(self, k: int) -> Any:
+        return self.directory / f"level{k}.bin"
+
+    def pairs(self, k: int, current: ir.Model, feeds: Iterable[Mapping[str, np.ndarray]], *, path: Any) -> dict[str, PairMoments]:
+        """:func:`collect_pairs` for level ``k`` against the cached original: ``current``
+        (saved to ``path`` with the level's tensors exposed) is run on the same ``feeds``."""
+        level = self.levels[k]
+        names = list(level)
+        sess = exposing_session(current, names, path)
+        accs: dict[str, _PairAccumulator] = {}
+        with open(self._file(k), "rb") as f:
+            for entry, feed in zip(self.index[k], feeds):
+                xhs = sess.run(names, dict(feed))
+                for name, xh in zip(names, xhs):
+                    if name not in entry:
+                        continue
+                    offset, c, n, picked = entry[name]
+                    f.seek(offset)
+                    x = np.fromfile(f, dtype=np.float32, count=c * n).reshape(c, n)
+                    xh = np.asarray(xh)
+                    xh = np.moveaxis(xh, level[name] % xh.ndim, 0)
+                    xh = xh.reshape(xh.shape[0], -1)
+                    if picked:
+                        xh = xh[:, np.fromfile(f, dtype=np.int64, count=n)]
+                    if xh.shape != x.shape:
+                        continue
+                    accs.setdefault(name, _PairAccumulator(c)).add(x, xh)
+        return {n: acc.moments() for n, acc in accs.items()}
+
+    def close(self) -> None:
+        for k in range(len(self.levels)):
+            self._file(k).unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------
@@ -406,7 +497,128 @@ def bn_proxy(value: ir.Value, axis: int, memo: dict[str, Any] | None = None) -> 
     mean, second, abs_mean = d.moments()
     full = np.outer(mean, mean)
     np.fill_diagonal(full, second)
-    return Moments(mean, full, abs_mean, 0, "bn-proxy")
+    return Moments(mean, full, abs_mean, 0, "bn-proxy", independent=True)
+
+
+# ------------------------------------------------------------------------------------------
+# Producer-filter correlations (UDFC-style, no data)
+
+_CHANNELWISE = ("Identity", "Dropout", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool")
+
+
+def _filters(node: ir.Node) -> np.ndarray | None:
+    """The producer's filters as rows [out channels, fan-in] (Conv with one group, Gemm,
+    MatMul by a constant [K, N] matrix), None for anything else."""
+    op = node.op_type
+    if node.domain not in ("", "ai.onnx") or len(node.inputs) < 2 or node.inputs[1] is None:
+        return None
+    w = node.inputs[1].const_value
+    if w is None:
+        return None
+    w = w.numpy().astype(np.float64)
+    if op == "Conv":
+        g = node.attributes.get("group")
+        if (g is not None and int(g.value) != 1) or w.ndim < 3:
+            return None
+        return w.reshape(w.shape[0], -1)
+    if op == "Gemm" and w.ndim == 2:
+        t = node.attributes.get("transB")
+        return w if t is not None and int(t.value) else w.T
+    if op == "MatMul" and w.ndim == 2:
+        return w.T
+    return None
+
+
+def filter_correlation(value: ir.Value, axis: int) -> np.ndarray | None:
+    """Correlation of ``value``'s channels (along ``axis`` 1, or the last axis of a 2-D/3-D
+    MatMul/Gemm output) implied by the filters of the layer that produces them, under white
+    input: ``R = D⁻¹ F Fᵀ D⁻¹`` (``F`` the filters as rows, ``D = diag‖F_c‖``) — the Gram
+    matrix UDFC's reconstruction ``w_c ≈ Σ s_k w_k`` solves with. Walked back through
+    per-channel ops (BatchNorm: the sign of γ flips a channel's correlations; element-wise
+    activations and pooling are taken to keep them, which a ReLU only approximately does).
+    None where no single such producer is reached."""
+    rank = len(value.shape) if value.shape is not None else None
+    if rank is None or rank < 2:
+        return None
+    sign: np.ndarray | float = 1.0
+    v: ir.Value | None = value
+    for _ in range(_MAX_DEPTH):
+        node = v.producer() if v is not None else None
+        if node is None or node.domain not in ("", "ai.onnx"):
+            return None
+        first = node.inputs[0] if node.inputs else None
+        params = _bn_params(node)
+        F = _filters(node)
+        if F is not None:
+            if axis % rank != (1 if node.op_type == "Conv" else rank - 1):
+                return None
+            norms = np.linalg.norm(F, axis=1)
+            if not (norms > 0).all():
+                norms = np.where(norms > 0, norms, 1.0)
+            R = (F @ F.T) / np.outer(norms, norms)
+            if isinstance(sign, np.ndarray):
+                if sign.shape[0] != R.shape[0]:
+                    return None
+                R = R * np.outer(sign, sign)
+            np.fill_diagonal(R, 1.0)
+            return R
+        if params is not None:
+            sign = sign * np.where(params[1] < 0, -1.0, 1.0)
+            v = first
+        elif node.op_type in _CHANNELWISE or activation_function(node) is not None:
+            v = first
+        elif node.op_type == "Mul" and len(node.inputs) == 2 and any(i is not None and _silu_tail(node, i) for i in node.inputs):
+            v = next(i for i in node.inputs if i is not None and _silu_tail(node, i))
+        elif node.op_type in ("Flatten", "Reshape", "Squeeze") and _spatial(first) == 1:
+            v = first
+        elif node.op_type in ("Add", "Sub", "Mul", "Div") and len(node.inputs) == 2 and all(i is not None for i in node.inputs):
+            # element-wise with a constant (a bias, a scale: a negative per-channel factor flips
+            # the channel), or two tensors of which the full-size one carries the channels
+            # (x·g(x) as exported HardSwish, x·gate of a squeeze-excitation): follow it
+            consts = [i for i in node.inputs if i.const_value is not None]
+            if len(consts) == 1:
+                if node.op_type == "Div" and node.inputs[0] is consts[0]:
+                    return None  # c / x is not linear in x
+                if node.op_type in ("Mul", "Div"):
+                    k = consts[0].const_value.numpy().astype(np.float64)
+                    flip = _channel_sign(k, rank)
+                    if flip is None:
+                        return None
+                    sign = sign * flip
+                v = next(i for i in node.inputs if i.const_value is None)
+            elif not consts and node.op_type == "Mul":
+                out = node.outputs[0].shape
+                full = [i for i in node.inputs if i.shape is not None and out is not None and i.shape == out]
+                if not full:
+                    return None
+                v = full[0]
+            else:
+                return None
+        else:
+            # anything else, a depthwise conv included (crossing it, correlations kept up to
+            # each filter's sign, was tried on PP-OCR's synthetic statistics and measured worse)
+            return None
+    return None
+
+
+def _channel_sign(k: np.ndarray, rank: int) -> np.ndarray | float | None:
+    """Per-channel sign of a constant factor broadcast on axis 1 (a scalar: one sign for all,
+    which leaves correlations unchanged); None for any other layout."""
+    if k.size == 1:
+        return 1.0
+    dims = k.shape
+    if len(dims) == rank - 1 and all(d == 1 for d in dims[1:]) or len(dims) == rank and dims[0] == 1 and all(d == 1 for d in dims[2:]):
+        return np.where(k.reshape(-1) < 0, -1.0, 1.0)
+    return None
+
+
+def with_filter_correlation(m: Moments, R: np.ndarray) -> Moments:
+    """``m`` with its channels correlated as ``R`` says: ``E[x xᵀ] = s R s + μμᵀ``, ``s`` the
+    per-channel standard deviations (diagonal unchanged)."""
+    sd = np.sqrt(np.maximum(np.diag(m.second) - m.mean**2, 0.0))
+    second = R * np.outer(sd, sd) + np.outer(m.mean, m.mean)
+    np.fill_diagonal(second, np.diag(m.second))
+    return Moments(m.mean, second, m.abs_mean, m.count, m.source + "+filters")
 
 
 def consumer_tensors(model: ir.Model, names: Iterable[tuple[str, int]]) -> dict[str, ir.Value]:

@@ -10,7 +10,8 @@ Three steps over the pipeline's ``State`` (``spa.pipeline``), each small:
   with the consumers repaired (``spa.compensation``) becomes the *reference* that surgery
   slices and the mask oracle proves against. With calibration data the consumers are refitted
   level by level (:func:`consumer_levels`), each from what it reads in the reference repaired
-  so far against the original's activations; without, all at once from the moments.
+  so far against the original's activations (run once and cached on disk,
+  ``OriginalCache``); without, all at once from the moments.
 - :func:`error_step` (after *oracle*): the measured output error of plain pruning and of the
   compensated pruned model against the original, on the verification inputs and on up to
   ``ERROR_SAMPLES`` calibration samples.
@@ -29,7 +30,7 @@ import onnx_ir as ir
 from spa import io
 from spa import verify as verify_mod
 from spa.analysis.consumers import consumer_view
-from spa.analysis.moments import Moments, bn_proxy, collect, collect_pairs, consumer_tensors, exposing_session
+from spa.analysis.moments import Moments, OriginalCache, bn_proxy, collect, consumer_tensors, exposing_session, filter_correlation, with_filter_correlation
 from spa.calibration import open_calibration
 from spa.compensation import Compensation, compensate_model, consumers_by_weight, removed_units
 from spa.criteria import get_criterion
@@ -39,9 +40,14 @@ from spa.inputs import graph_inputs, make_feeds, resolve_input_shapes
 if TYPE_CHECKING:  # pragma: no cover
     from spa.pipeline import State
 
-__all__ = ["COMPENSATE", "SYNTHETIC_SAMPLES", "ERROR_SAMPLES", "statistics_step", "compensate_step", "error_step", "needs_statistics"]
+__all__ = ["COMPENSATE", "DATA_FREE_METHODS", "SYNTHETIC_SAMPLES", "ERROR_SAMPLES", "statistics_step", "compensate_step", "error_step", "needs_statistics"]
 
 COMPENSATE = ("none", "data-free", "calibration")
+#: Data-free statistics: ``moments`` — the BatchNorm proxy's independent channels (synthetic
+#: inputs as measured where no BN precedes); ``udfc`` — the BN proxy's marginals correlated as
+#: the producing layer's filters say (UDFC: a removed channel rebuilt from the kept ones it
+#: resembles); synthetic statistics keep their measured correlations.
+DATA_FREE_METHODS = ("moments", "udfc")
 #: Seeded standard-normal feeds for the data-free fallback (activations without BatchNorm).
 SYNTHETIC_SAMPLES = 8
 #: Calibration samples the output error is also measured on.
@@ -93,6 +99,20 @@ def _data_free_moments(s: State, wanted: Mapping[str, int]) -> tuple[dict[str, M
             moments[name] = m
     rest = {n: a for n, a in wanted.items() if n not in moments}
     integer = [v.name for v in graph_inputs(model) if v.dtype is not None and not v.dtype.is_floating_point()]
+    if rest and not integer:
+        shapes = resolve_input_shapes(model, o.input_shapes)
+        feeds = (make_feeds(model, shapes, seed=o.seed + 1 + k, values=o.input_values) for k in range(SYNTHETIC_SAMPLES))
+        found, used = collect(model, rest, feeds, path=s.scratch("statistics"), source="synthetic", seed=o.seed)
+        moments.update(found)
+    else:
+        used = 0
+    if o.data_free_method == "udfc":
+        # Only where the statistics carry no correlations (the BN proxy's independent channels):
+        # synthetic inputs measure them, and replacing those by the filters' was worse on PP-OCR.
+        for name, m in list(moments.items()):
+            R = filter_correlation(values[name], wanted[name]) if name in values and m.independent else None
+            if R is not None and R.shape[0] == m.mean.shape[0]:
+                moments[name] = with_filter_correlation(m, R)
     if rest and integer:
         # Random token ids / masks say nothing about real activations: measured on MiniLM,
         # compensating from them made the embeddings worse than not compensating at all.
@@ -100,13 +120,6 @@ def _data_free_moments(s: State, wanted: Mapping[str, int]) -> tuple[dict[str, M
             f"data-free: {len(rest)} consumer inputs have no BatchNorm statistics and the model has integer inputs "
             f"({', '.join(integer)}), so no synthetic fallback: they are not compensated (give --calibration)"
         )
-        return moments, 0
-    if not rest:
-        return moments, 0
-    shapes = resolve_input_shapes(model, o.input_shapes)
-    feeds = (make_feeds(model, shapes, seed=o.seed + 1 + k, values=o.input_values) for k in range(SYNTHETIC_SAMPLES))
-    found, used = collect(model, rest, feeds, path=s.scratch("statistics"), source="synthetic", seed=o.seed)
-    moments.update(found)
     return moments, used
 
 
@@ -139,22 +152,31 @@ def consumer_levels(model: ir.Model, keys: Iterable[tuple[str, str]], activation
 def _sequential(s: State, reference: ir.Model) -> Compensation:
     """Refit the consumers level by level, each from the inputs it sees in the reference
     repaired so far (x̂) against the original's (x) on the calibration data (OBC/SparseGPT's
-    sequential order: upstream error is compensated downstream, not compounded)."""
+    sequential order: upstream error is compensated downstream, not compounded).
+
+    The original runs once: its sampled activations for every level are cached on disk
+    (:class:`~spa.analysis.moments.OriginalCache`), so a level runs only the reference."""
     keys = consumers_by_weight(s.consumers, removed_units(s.plan))
     activation = {k: cs[0].activation for k, cs in keys.items()}
     axis = {k: cs[0].activation_axis for k, cs in keys.items()}
     levels = consumer_levels(reference, keys, activation)
-    wanted = {activation[k]: axis[k] for k in keys if activation[k] is not None}
+    order = sorted(set(levels.values()))
+    batches = [sorted(k for k, lv in levels.items() if lv == level) for level in order]
+    tensors = [{activation[k]: axis[k] for k in batch if activation[k] is not None} for batch in batches]
+    wanted = {n: a for lv in tensors for n, a in lv.items()}
     original = exposing_session(s.analysis.model, wanted, s.scratch("sequential-original"))
+    cache = OriginalCache(original, tensors, s.calibration, s.scratch("sequential-cache").parent, seed=s.options.seed)
+    del original
     fixes, edits = [], []
-    for level in sorted(set(levels.values())):
-        batch = {k for k, lv in levels.items() if lv == level}
-        tensors = {activation[k]: axis[k] for k in batch if activation[k] is not None}
-        pairs = collect_pairs(original, reference, tensors, s.calibration, path=s.scratch("sequential"), seed=s.options.seed)
-        part = compensate_model(reference, s.plan, s.consumers, pairs, damp=s.options.damp, only=batch)
-        fixes += part.fixes
-        edits += part.new_edits
-    s.notes["compensation_levels"] = len(set(levels.values()))
+    try:
+        for k, batch in enumerate(batches):
+            pairs = cache.pairs(k, reference, s.calibration, path=s.scratch("sequential"))
+            part = compensate_model(reference, s.plan, s.consumers, pairs, damp=s.options.damp, only=set(batch))
+            fixes += part.fixes
+            edits += part.new_edits
+    finally:
+        cache.close()
+    s.notes["compensation_levels"] = len(order)
     return Compensation(fixes, edits)
 
 
@@ -170,15 +192,43 @@ def _relative_error(ref: list[np.ndarray], got: list[np.ndarray]) -> float:
     return float(np.sqrt(num / den)) if den > 0 else float(np.sqrt(num))
 
 
+#: Below this many bytes of weights the masked scratch model goes to ORT as bytes, not through
+#: a file (protobuf's 2 GiB cap): the write is a large part of a scratch save on a ResNet-50.
+#: (``SessionOptions.add_initializer`` on the snapshot would avoid the copy, but ORT's
+#: ENABLE_ALL layout transforms ignore it for Conv weights: measured, the override is lost.)
+IN_MEMORY_BYTES = 1 << 30
+
+
+def _in_memory_session(model: ir.Model) -> Any | None:
+    """An ORT session on ``model`` serialized in memory (``verify.session``'s options), or None
+    when the model is too large for one protobuf message or ORT refuses it (the caller then
+    writes a file, whose failure ``verify.session`` names)."""
+    import onnxruntime as ort
+
+    tensors = [v.const_value for v in model.graph.initializers.values() if v.const_value is not None]
+    if sum(int(t.nbytes) for t in tensors) > IN_MEMORY_BYTES:
+        return None
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(ir.to_proto(model).SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception:  # noqa: BLE001 - ORT's own types
+        return None
+
+
 def error_step(s: State) -> bool:
     """Relative L2 output error ‖y − y₀‖/‖y₀‖ of plain pruning (the original with the removed
     slices zeroed) and of the compensated pruned model, against the original."""
     plain = io.load_model(s.snapshot_path)
     verify_mod.mask_model(plain, s.plan)
-    plain_path = s.scratch("plain-masked")
-    io.save_model(plain, plain_path, durable=False)
+    masked = _in_memory_session(plain)
+    if masked is None:
+        plain_path = s.scratch("plain-masked")
+        io.save_model(plain, plain_path, durable=False)
+        masked = verify_mod.session(plain_path)
     del plain
-    sessions = [verify_mod.session(p) for p in (s.snapshot_path, plain_path, s.pruned_path)]
+    sessions = [verify_mod.session(s.snapshot_path), masked, verify_mod.session(s.pruned_path)]
     sets: dict[str, list[dict[str, np.ndarray]]] = {"verification": [s.feeds]} if s.feeds else {}
     if s.calibration is not None:
         sets["calibration"] = list(itertools.islice(iter(s.calibration), ERROR_SAMPLES))
