@@ -1,0 +1,243 @@
+"""The ``lowrank`` stage of the pipeline: choose ranks, factorize, verify, report.
+
+After surgery and the mask oracle (which proves the pruning) and after ``fold``:
+
+1. ranks: the allocator's (``--lowrank auto``, recorded in the plan as ``lowrank_ranks`` so
+   ``spa apply`` replays them) or, per layer, the smallest rank holding ``--lowrank-energy`` of
+   the (whitened, with calibration data) singular energy, rounded up to ``--round-to``; a layer
+   is factorized only where that rank pays (r < m·n/(m+n)). A layer whose weight holds NaN/inf
+   or whose SVD does not converge is left as it was, with the reason in the report;
+2. :class:`~spa.passes.lowrank.LowRankPass`; with calibration data, Gemm/MatMul layers use the
+   activation-whitened SVD (E[x xᵀ] from ``spa.analysis.moments.collect`` on the model being
+   factorized);
+3. verification (``--verify full``): the *full-rank* factorization of the same layers must give
+   the model's outputs (the oracle of the rewrite), then each truncated layer's relative output
+   error ‖(W − W_r) x‖ / ‖W x + b‖ is measured on its real input x (ORT, the verification
+   inputs), and the whole model's relative output error against the model before the step and
+   against the original.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from spa import io
+from spa import verify as verify_mod
+from spa.analysis.moments import collect, exposing_session
+from spa.calibration import open_calibration
+from spa.errors import UsageError
+from spa.graph import all_initializers, attr
+from spa.factorize import Layer, break_even, energy_rank, factor, find_layers, pays, round_rank, spectrum, truncation_error, weight_from_matrices, whitener
+from spa.passes.fold import _checked_swap, assert_same
+from spa.passes.lowrank import LowRankPass
+
+if TYPE_CHECKING:  # pragma: no cover
+    from spa.pipeline import State
+
+__all__ = ["lowrank_step", "choose_ranks", "relative_error", "allocation_feeds", "ALLOCATION_SAMPLES"]
+
+logger = logging.getLogger(__name__)
+
+
+def relative_error(ref: list[np.ndarray], got: list[np.ndarray]) -> float:
+    num = den = 0.0
+    for r, g in zip(ref, got):
+        r, g = np.asarray(r, dtype=np.float64), np.asarray(g, dtype=np.float64)
+        if r.dtype.kind != "f" or r.shape != g.shape:
+            continue
+        num += float(np.sum((r - g) ** 2))
+        den += float(np.sum(r**2))
+    return float(np.sqrt(num / den)) if den > 0 else float(np.sqrt(num))
+
+
+def _activation(model: ir.Model, layer: Layer) -> tuple[str, int] | None:
+    """(input name, channel axis) of a Gemm/MatMul layer, for whitening."""
+    node = next(n for n in model.graph if n.name == layer.node)
+    if layer.op_type == "Conv" or (layer.op_type == "Gemm" and int(attr(node, "transA", 0))):
+        return None
+    x = node.inputs[0]
+    return (x.name, -1 if layer.op_type == "MatMul" else 1) if x is not None else None
+
+
+def _whiteners(s: State, layers: list[Layer], rows: dict[str, dict[str, Any]]) -> dict[str, np.ndarray]:
+    o = s.options
+    calib = s.calibration or open_calibration(o.calibration, s.model, o.calibration_samples)
+    if calib is None:
+        return {}
+    wanted = {l.weight: _activation(s.model, l) for l in layers}
+    tensors = {a[0]: a[1] for a in wanted.values() if a is not None}
+    if not tensors:
+        return {}
+    moments, used = collect(s.model, tensors, calib, path=s.scratch("lowrank-statistics"), max_samples=o.calibration_samples, seed=o.seed)
+    out = {}
+    for weight, a in wanted.items():
+        m = moments.get(a[0]) if a is not None else None
+        if m is None:
+            continue
+        try:
+            out[weight] = whitener(m.second, o.damp if o.damp > 0 else 1e-6)
+        except np.linalg.LinAlgError:
+            rows[weight]["note"] = "E[x xᵀ] is not positive definite: plain SVD"
+    s.notes.setdefault("lowrank_statistics", {"tensors": len(tensors), "samples": used})
+    return out
+
+
+#: Inputs the combined allocator measures its candidates on: calibration samples, else seeded.
+ALLOCATION_SAMPLES = 4
+
+
+def allocation_feeds(s: State) -> list[dict[str, np.ndarray]]:
+    """Calibration samples when given (the allocator's measurements then see real inputs),
+    else one seeded random feed (``spa.inputs``), as the verification inputs are made."""
+    import itertools
+
+    from spa.inputs import make_feeds, resolve_input_shapes
+
+    o = s.options
+    calib = s.calibration or open_calibration(o.calibration, s.model, o.calibration_samples)
+    if calib is not None:
+        return list(itertools.islice(iter(calib), ALLOCATION_SAMPLES))
+    shapes = resolve_input_shapes(s.model, o.input_shapes)
+    return [make_feeds(s.model, shapes, seed=o.seed, values=o.input_values)]
+
+
+def choose_ranks(s: State, layers: list[Layer], whiteners: Mapping[str, np.ndarray], rows: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """Rank per weight (see the module docstring); rows get the reason for every layer kept."""
+    o = s.options
+    ranks: dict[str, int] = {}
+    by_weight = {l.weight: l for l in layers}
+    chosen = s.lowrank_ranks if s.lowrank_ranks is not None else o.lowrank_ranks
+    if chosen is not None:
+        for weight, r in chosen.items():
+            layer = by_weight.get(weight)
+            if layer is None:
+                raise UsageError(f"lowrank_ranks names '{weight}', which is not the weight of a factorable layer of this model")
+            if not 1 <= r <= layer.full_rank:
+                raise UsageError(f"lowrank_ranks: rank {r} for '{weight}' is out of range [1, {layer.full_rank}]")
+            ranks[weight] = r
+        for weight, row in rows.items():
+            if weight not in ranks:
+                row.setdefault("reason", "the allocator keeps it")
+        return ranks
+    inits = all_initializers(s.model.graph)
+    for layer in layers:
+        row = rows[layer.weight]
+        try:
+            spec = spectrum(layer, inits[layer.weight].const_value.numpy(), whiteners.get(layer.weight))
+        except ValueError as e:
+            row["reason"] = f"left as it was: {e}"
+            continue
+        r = round_rank(energy_rank(spec, o.lowrank_energy), o.round_to, layer.full_rank)
+        row["energy_rank"] = r
+        if not pays(layer, r):
+            row["reason"] = f"rank {r} for {o.lowrank_energy:g} of the energy does not pay (break-even {break_even(layer.m, layer.n):.1f})"
+            continue
+        ranks[layer.weight] = r
+    return ranks
+
+
+def lowrank_step(s: State) -> bool:
+    o = s.options
+    layers, refused = find_layers(s.model)
+    per_node = s.cost().count(per_node=True).per_node
+    rows: dict[str, dict[str, Any]] = {}
+    for l in layers:
+        flops = int(per_node.get(l.node, (0, 0))[1])
+        rows[l.weight] = {"layer": l.node, "weight": l.weight, "op": l.op_type, "shape": list(l.weight_shape), "groups": l.groups,
+                          "full_rank": l.full_rank, "break_even": round(break_even(l.m, l.n), 2), "action": "keep", "rank": None,
+                          "flops_before": flops, "flops_after": flops}
+    sliced = {t.name for t in (s.surgery_plan or s.plan).tensors} if s.plan is not None else set()
+    for row in rows.values():
+        if row["weight"] in sliced:
+            row["action"] = "prune"  # its channels were cut by the plan (before any factorization)
+    whiteners = _whiteners(s, layers, rows)
+    ranks = choose_ranks(s, layers, whiteners, rows)
+    report: dict[str, Any] = {"mode": o.lowrank, "energy": o.lowrank_energy if o.lowrank == "energy" else None,
+                              "whitened": sorted(w for w in ranks if w in whiteners), "layers": list(rows.values()),
+                              "refused": [{"layer": n, "reason": r} for n, r in refused.items()]}
+    s.lowrank_report = report
+    if not ranks:
+        return False
+    by_weight = {l.weight: l for l in layers}
+    inits = all_initializers(s.model.graph)
+    dense: dict[str, tuple[Layer, np.ndarray, np.ndarray]] = {}
+    factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for w, r in ranks.items():
+        layer = by_weight[w]
+        W = inits[w].const_value.numpy()
+        w2, w1 = factor(layer, W, r, whiteners.get(w))
+        factors[w] = (w2, w1)
+        dense[w] = (layer, W, weight_from_matrices(layer, w2 @ w1).astype(W.dtype))
+        spec = spectrum(layer, W, whiteners.get(w))
+        row = rows[w]
+        row.update(action="both" if row["action"] == "prune" else "factorize", rank=r, flops_after=int(round(row["flops_before"] * layer.macs_ratio(r))),
+                   estimated_error=round(truncation_error(spec, r), 6))
+    before = s.pruned_path
+    LowRankPass(ranks, whiteners, factors)(s.model)
+    _checked_swap(s, "lowrank", "low-rank factorization", report, exact=False)
+    if before is not None and o.verify == "full" and s.feeds is not None:
+        _verify(s, before, ranks, whiteners, dense, rows, report)
+    return True
+
+
+def _verify(s: State, before, ranks, whiteners, dense, rows, report) -> None:
+    full = io.load_model(before)
+    LowRankPass({w: dense[w][0].full_rank for w in ranks}, whiteners)(full)
+    path = s.scratch("lowrank-full-rank")
+    io.save_model(full, path, durable=False)
+    del full
+    ref = verify_mod.run(verify_mod.session(before), s.feeds)
+    got = verify_mod.run(verify_mod.session(path, pruned=True), s.feeds, pruned=True)
+    report["full_rank_max_abs_diff"] = assert_same(ref, got, "full-rank factorization (the rewrite's oracle)")
+    final = verify_mod.run(verify_mod.session(s.pruned_path, pruned=True), s.feeds, pruned=True)
+    report["output_error_vs_before"] = round(relative_error(ref, final), 6)
+    original = verify_mod.run(verify_mod.session(s.snapshot_path), s.feeds)
+    report["output_error_vs_original"] = round(relative_error(original, final), 6)
+    pre = io.load_model(before)
+    names = {}
+    for w in ranks:
+        node = next(n for n in pre.graph if n.name == dense[w][0].node)
+        names[w] = node.inputs[0].name
+    unique = list(dict.fromkeys(names.values()))
+    xs = dict(zip(unique, exposing_session(pre, unique, s.scratch("lowrank-inputs")).run(unique, dict(s.feeds))))
+    for w in ranks:
+        node = next(n for n in pre.graph if n.name == dense[w][0].node)
+        layer, W, Wr = dense[w]
+        rows[w]["error"] = round(_layer_error(node, xs[names[w]], W, Wr), 6)
+
+
+def _layer_error(node: ir.Node, x: np.ndarray, W: np.ndarray, Wr: np.ndarray) -> float:
+    """‖node(x; W − W_r, no bias)‖ / ‖node(x; W, bias)‖ in ORT, a one-node model each."""
+    proto = ir.serde.serialize_node(node)
+    inputs = [i.name if i is not None else "" for i in node.inputs]
+    bias = {}
+    for k, v in enumerate(node.inputs[2:], start=2):
+        if v is not None and v.const_value is not None:
+            bias[inputs[k]] = v.const_value.numpy()
+
+    def run(weight: np.ndarray, with_bias: bool) -> np.ndarray:
+        n = onnx.NodeProto()
+        n.CopyFrom(proto)
+        del n.input[:]
+        n.input.extend([inputs[0], inputs[1]] + ([i for i in inputs[2:]] if with_bias else []))
+        n.output[:] = ["y"]
+        inits = [onnx.numpy_helper.from_array(weight, inputs[1])]
+        if with_bias:
+            inits += [onnx.numpy_helper.from_array(b, k) for k, b in bias.items()]
+        g = onnx.helper.make_graph([n], "layer", [onnx.helper.make_tensor_value_info(inputs[0], onnx.helper.np_dtype_to_tensor_dtype(x.dtype), list(x.shape))],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.helper.np_dtype_to_tensor_dtype(x.dtype), None)], inits)
+        m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 17)])
+        import onnxruntime as ort
+
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {inputs[0]: x})[0]
+
+    y = run(W, True).astype(np.float64)
+    e = run((W.astype(np.float64) - Wr.astype(np.float64)).astype(W.dtype), False).astype(np.float64)
+    den = float(np.linalg.norm(y))
+    return float(np.linalg.norm(e) / den) if den > 0 else float(np.linalg.norm(e))

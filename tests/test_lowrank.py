@@ -1,0 +1,253 @@
+"""Low-rank factorization: the pass against ONNX Runtime, the error formula, the pipeline,
+the combined allocator, the CLI and bad input."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from click.testing import CliRunner
+from onnx import helper, numpy_helper
+
+import spa
+from spa.cli import cli
+from spa.factorize import energy_rank, find_layers, round_rank, spectrum, truncation_error, whitener
+from spa.passes.lowrank import LowRankPass
+
+ort = pytest.importorskip("onnxruntime")
+REPO = pathlib.Path(__file__).resolve().parent.parent
+DEMO = REPO / "models" / "demo.onnx"
+
+
+def _session(proto: onnx.ModelProto):
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _model(nodes, inputs, inits, opset: int = 17) -> onnx.ModelProto:
+    g = helper.make_graph(nodes, "t", inputs, [helper.make_tensor_value_info("y", 1, None)],
+                          [numpy_helper.from_array(a, n) for n, a in inits.items()])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _mixed(rng: np.random.Generator) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """Conv (stride 2, pad 1, bias) → grouped conv → Flatten → Gemm (transB, α, β) → Gemm (no
+    transB) → MatMul on a rank-3 input."""
+    f = lambda *s: rng.normal(size=s).astype(np.float32)  # noqa: E731
+    inits = {"W": f(8, 3, 3, 3), "B": f(8), "Wg": f(8, 4, 3, 3), "G": f(10, 128), "Gb": f(10), "G2": f(10, 12), "M": f(12, 6)}
+    nodes = [
+        helper.make_node("Conv", ["x", "W", "B"], ["c1"], pads=[1, 1, 1, 1], strides=[2, 2], name="conv"),
+        helper.make_node("Conv", ["c1", "Wg"], ["c2"], pads=[1, 1, 1, 1], group=2, name="gconv"),
+        helper.make_node("Flatten", ["c2"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "G", "Gb"], ["g"], transB=1, alpha=0.5, beta=2.0, name="gemm"),
+        helper.make_node("Gemm", ["g", "G2"], ["g2"], name="gemm2"),
+        helper.make_node("Unsqueeze", ["g2", "axes"], ["u"], name="unsq"),
+        helper.make_node("MatMul", ["u", "M"], ["y"], name="mm"),
+    ]
+    proto = _model(nodes, [helper.make_tensor_value_info("x", 1, [2, 3, 8, 8])], {**inits, "axes": np.array([0], np.int64)})
+    return proto, {"x": rng.normal(size=(2, 3, 8, 8)).astype(np.float32)}
+
+
+def test_full_rank_factorization_reproduces_every_layer_kind() -> None:
+    rng = np.random.default_rng(0)
+    proto, feeds = _mixed(rng)
+    model = ir.from_proto(proto)
+    layers, refused = find_layers(model)
+    assert {l.op_type for l in layers} == {"Conv", "Gemm", "MatMul"} and not refused
+    result = LowRankPass({l.weight: l.full_rank for l in layers})(model)
+    assert result.modified
+    out = ir.to_proto(model)
+    onnx.checker.check_model(out, full_check=True)
+    ref, got = _session(proto).run(None, feeds)[0], _session(out).run(None, feeds)[0]
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * float(np.abs(ref).max()))
+    assert sum(n.op_type == "Conv" for n in out.graph.node) == 4  # every layer became two
+    assert "W" not in {t.name for t in out.graph.initializer} and "W.lowrank_in" in {t.name for t in out.graph.initializer}
+
+
+def test_a_wrong_factor_fails_the_full_rank_check() -> None:
+    """The comparison above can fail: one rank short is not exact."""
+    rng = np.random.default_rng(0)
+    proto, feeds = _mixed(rng)
+    model = ir.from_proto(proto)
+    LowRankPass({"G2": 9})(model)
+    ref, got = _session(proto).run(None, feeds)[0], _session(ir.to_proto(model)).run(None, feeds)[0]
+    assert np.abs(got - ref).max() > 1e-3 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("rank", [1, 4, 9])
+def test_rank_r_error_is_the_discarded_singular_energy(rank: int) -> None:
+    """y = x·B: with the basis vectors as inputs the outputs are B's rows, so the squared
+    output error of rank r is ‖B − B_r‖² = Σ_{i>r} s_i² (Eckart–Young), measured in ORT."""
+    rng = np.random.default_rng(1)
+    B = (rng.normal(size=(16, 12)) * np.linspace(3, 0.1, 12)[None, :]).astype(np.float32)
+    proto = _model([helper.make_node("MatMul", ["x", "B"], ["y"], name="mm")], [helper.make_tensor_value_info("x", 1, [16, 16])], {"B": B})
+    eye = {"x": np.eye(16, dtype=np.float32)}
+    model = ir.from_proto(proto)
+    LowRankPass({"B": rank})(model)
+    err = _session(ir.to_proto(model)).run(None, eye)[0] - _session(proto).run(None, eye)[0]
+    s = np.linalg.svd(B.astype(np.float64), compute_uv=False)
+    np.testing.assert_allclose(float((err.astype(np.float64) ** 2).sum()), float((s[rank:] ** 2).sum()), rtol=1e-3)
+    layer = find_layers(ir.from_proto(proto))[0][0]
+    assert truncation_error(spectrum(layer, B), rank) == pytest.approx(np.sqrt((s[rank:] ** 2).sum() / (s**2).sum()), rel=1e-9)
+
+
+def test_whitened_error_is_the_discarded_energy_of_w_l_and_beats_plain_svd() -> None:
+    rng = np.random.default_rng(2)
+    n, m, samples = 12, 10, 400
+    mix = rng.normal(size=(n, n)) * np.linspace(2, 0.05, n)[None, :]
+    X = (rng.normal(size=(samples, n)) @ mix.T).astype(np.float32)  # correlated inputs
+    B = rng.normal(size=(n, m)).astype(np.float32)
+    proto = _model([helper.make_node("MatMul", ["x", "B"], ["y"], name="mm")], [helper.make_tensor_value_info("x", 1, [samples, n])], {"B": B})
+    H = X.astype(np.float64).T @ X.astype(np.float64) / samples
+    L = whitener(H, damp=1e-12)
+    ref = _session(proto).run(None, {"x": X})[0].astype(np.float64)
+    errs = {}
+    for name, wh in (("plain", {}), ("whitened", {"B": L})):
+        model = ir.from_proto(proto)
+        LowRankPass({"B": 4}, wh)(model)
+        got = _session(ir.to_proto(model)).run(None, {"x": X})[0].astype(np.float64)
+        errs[name] = float(((got - ref) ** 2).sum() / samples)
+    s = np.linalg.svd(B.T.astype(np.float64) @ L, compute_uv=False)
+    assert errs["whitened"] == pytest.approx(float((s[4:] ** 2).sum()), rel=1e-2)
+    assert errs["whitened"] < errs["plain"]
+
+
+def test_rank_choice_by_energy_and_rounding() -> None:
+    layer = find_layers(ir.from_proto(_model([helper.make_node("MatMul", ["x", "B"], ["y"], name="mm")],
+                                             [helper.make_tensor_value_info("x", 1, [1, 4])], {"B": np.diag([3.0, 2.0, 1.0, 0.5]).astype(np.float32)})))[0][0]
+    spec = spectrum(layer, np.diag([3.0, 2.0, 1.0, 0.5]))
+    total = 9 + 4 + 1 + 0.25
+    assert energy_rank(spec, 9 / total) == 1 and energy_rank(spec, 13 / total) == 2 and energy_rank(spec, 13.01 / total) == 3
+    assert energy_rank(spec, 1.0) == 4
+    assert round_rank(3, 4, 100) == 4 and round_rank(5, 4, 6) == 6 and round_rank(3, 1, 100) == 3
+
+
+def test_energy_mode_in_the_pipeline_round_trips_through_ort(tmp_path: pathlib.Path) -> None:
+    result = spa.prune(str(DEMO), ratio=0.0, lowrank="energy", lowrank_energy=0.9, benchmark=False)
+    lr = result.report.lowrank
+    done = [l for l in lr["layers"] if l["action"] == "factorize"]
+    assert done and all(l["rank"] < l["break_even"] for l in done)
+    assert all("reason" in l for l in lr["layers"] if l["action"] == "keep")
+    assert lr["full_rank_max_abs_diff"] <= 1e-5
+    assert 0 < lr["output_error_vs_original"] < 1 and all(0 <= l["error"] < 1 for l in done)
+    assert result.report.flops_after < result.report.flops_before
+    path = result.save(tmp_path / "out.onnx")
+    onnx.checker.check_model(str(path), full_check=True)
+    original, factored = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (DEMO, path))
+    x = np.random.default_rng(0).normal(size=(1, 3, 32, 32)).astype(np.float32)
+    assert [o.shape for o in original.run(None, {"input": x})] == [o.shape for o in factored.run(None, {"input": x})]
+    assert result.report.warnings == []  # "nothing was pruned" is not a warning when layers were factorized
+
+
+def test_torch_export_round_trips(tmp_path: pathlib.Path, zoo_onnx) -> None:
+    path = zoo_onnx("resnet")
+    result = spa.prune(str(path), ratio=0.3, lowrank="energy", lowrank_energy=0.8, fold=True, benchmark=False)
+    actions = {l["action"] for l in result.report.lowrank["layers"]}
+    assert "both" in actions or {"prune", "factorize"} <= actions  # pruned, factorized, or both, per layer
+    out = result.save(tmp_path / "r.onnx")
+    a, b = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (path, out))
+    feeds = {i.name: np.random.default_rng(0).normal(size=[d if isinstance(d, int) else 1 for d in i.shape]).astype(np.float32) for i in a.get_inputs()}
+    assert [o.shape for o in a.run(None, feeds)] == [o.shape for o in b.run(None, feeds)]
+
+
+def test_auto_meets_the_target_and_apply_replays_it(tmp_path: pathlib.Path) -> None:
+    plan = spa.plan(str(DEMO), ratio=0.5, lowrank="auto", flops_target=0.5)
+    ranks = plan.options["lowrank_ranks"]
+    assert ranks and all(isinstance(r, int) for r in ranks.values())
+    doc = json.loads(plan.dumps())
+    assert spa.Plan.from_json(doc).options["lowrank_ranks"] == ranks
+    pruned = spa.prune(str(DEMO), ratio=0.5, lowrank="auto", flops_target=0.5, benchmark=False)
+    assert pruned.report.flops_ratio <= 0.5
+    tried = pruned.report.options["lowrank_allocation"]["tried"]
+    measured = [t for t in tried if "measured_error" in t]
+    assert tried[0] in measured and tried[-1] in measured  # low-rank only (ratio 0) and prune only are measured
+    chosen = next(t for t in tried if t["ratio"] == pruned.report.options["searched_ratio"])
+    assert chosen["measured_error"] == min(t["measured_error"] for t in measured)  # never worse than either, measured
+    replayed = spa.apply(str(DEMO), plan, benchmark=False)
+    x = {"input": np.random.default_rng(3).normal(size=(1, 3, 32, 32)).astype(np.float32)}
+    y1, y2 = (_session(ir.to_proto(r.model)).run(None, x)[0] for r in (pruned, replayed))
+    np.testing.assert_allclose(y1, y2, rtol=1e-5, atol=1e-6)
+
+
+def test_params_target_with_auto() -> None:
+    r = spa.prune(str(DEMO), ratio=0.5, lowrank="auto", params_target=0.6, benchmark=False, verify="check")
+    assert r.report.params_ratio <= 0.6
+
+
+def test_nan_weights_leave_the_layer_with_a_reason() -> None:
+    rng = np.random.default_rng(0)
+    B = rng.normal(size=(32, 32)).astype(np.float32)
+    B[0, 0] = np.nan
+    C = rng.normal(size=(32, 32)).astype(np.float32)
+    proto = _model([helper.make_node("MatMul", ["x", "B"], ["t"], name="bad"), helper.make_node("MatMul", ["t", "C"], ["y"], name="good")],
+                   [helper.make_tensor_value_info("x", 1, [2, 32])], {"B": B, "C": C})
+    r = spa.prune(proto, ratio=0.0, lowrank="energy", lowrank_energy=0.5, benchmark=False, verify="check")
+    rows = {l["layer"]: l for l in r.report.lowrank["layers"]}
+    assert rows["bad"]["action"] == "keep" and "NaN or inf" in rows["bad"]["reason"]
+    assert rows["good"]["action"] == "factorize"
+
+
+def test_calibration_whitens_matmul_layers() -> None:
+    rng = np.random.default_rng(4)
+    mix = rng.normal(size=(24, 24)) * np.linspace(2, 0.01, 24)[None, :]
+    feeds = [{"x": (rng.normal(size=(8, 24)) @ mix.T).astype(np.float32)} for _ in range(8)]
+    B = rng.normal(size=(24, 24)).astype(np.float32)
+    proto = _model([helper.make_node("MatMul", ["x", "B"], ["y"], name="mm")], [helper.make_tensor_value_info("x", 1, [8, 24])], {"B": B})
+    kw = dict(ratio=0.0, lowrank="energy", lowrank_energy=0.8, benchmark=False)
+    plain = spa.prune(proto, **kw).report.lowrank
+    whitened = spa.prune(proto, calibration=feeds, **kw).report.lowrank
+    assert whitened["whitened"] == ["B"] and plain["whitened"] == []
+    assert whitened["full_rank_max_abs_diff"] <= 1e-4
+
+
+def test_cli_lowrank_writes_the_model_and_the_table(tmp_path: pathlib.Path) -> None:
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    res = CliRunner().invoke(cli, ["lowrank", str(DEMO), "--energy", "0.9", "-o", str(out), "--report", str(report), "--no-bench"], catch_exceptions=False)
+    assert res.exit_code == 0, res.stderr
+    assert "factorize" in res.stdout and "full-rank factorization" in res.stdout
+    doc = json.loads(report.read_text())
+    assert doc["lowrank"]["mode"] == "energy" and doc["groups_pruned"] == 0
+    onnx.checker.check_model(str(out), full_check=True)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["lowrank", str(DEMO), "--energy", "1.5"], "energy"),
+    (["lowrank", str(DEMO), "--energy", "0"], "energy"),
+    (["prune", str(DEMO), "--lowrank", "auto"], "--flops-target"),
+    (["prune", str(DEMO), "--params-target", "0.5"], "--lowrank auto"),
+    (["prune", str(DEMO), "--lowrank", "auto", "--flops-target", "0.001"], "out of reach"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path: pathlib.Path, args: list[str], words: str) -> None:
+    res = CliRunner().invoke(cli, [*args, "-o", str(tmp_path / "o.onnx"), "--no-bench"], catch_exceptions=False)
+    assert res.exit_code == 2
+    assert words in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_a_plan_rank_out_of_range_is_refused(tmp_path: pathlib.Path) -> None:
+    plan = json.loads(spa.plan(str(DEMO), ratio=0.3, lowrank="auto", flops_target=0.6).dumps())
+    weight = next(iter(plan["options"]["lowrank_ranks"]))
+    for bad, words in ((0, "lowrank_ranks"), (10_000, "out of range")):
+        plan["options"]["lowrank_ranks"][weight] = bad
+        p = tmp_path / "p.json"
+        p.write_text(json.dumps(plan))
+        res = CliRunner().invoke(cli, ["apply", str(DEMO), str(p), "-o", str(tmp_path / "o.onnx")], catch_exceptions=False)
+        assert res.exit_code == 2 and words in res.stderr, res.stderr
+
+
+def test_fold_is_recorded_in_the_plan_and_replayed(tmp_path: pathlib.Path) -> None:
+    plan = spa.plan(str(DEMO), ratio=0.3, fold=True)
+    assert plan.options["fold"] is True
+    r = spa.apply(str(DEMO), plan, benchmark=False)
+    assert r.report.fold is not None and "removed_nodes" in r.report.fold
+
+
+def test_python_lowrank_factorizes_without_pruning() -> None:
+    r = spa.lowrank(str(DEMO), energy=0.9, benchmark=False, verify="check")
+    assert r.report.groups_pruned == 0 and r.plan.options["lowrank"] == "energy"
+    assert any(l["rank"] for l in r.report.lowrank["layers"]) and r.report.flops_after < r.report.flops_before
+    with pytest.raises(spa.UsageError, match="energy"):
+        spa.lowrank(str(DEMO), energy=0.0)
