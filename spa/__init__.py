@@ -22,7 +22,7 @@ from spa.errors import (
     VerificationError,
 )
 from spa.io import load_model as load
-from spa.pipeline import Analysis, PruneOptions, PruneResult, analyze, apply, explain, plan, prune
+from spa.pipeline import Analysis, PruneOptions, PruneResult, analyze, apply, explain, lowrank, plan, prune
 from spa.planning import Plan
 from spa.report import Report
 
@@ -34,6 +34,7 @@ __all__ = [
     "prune",
     "plan",
     "apply",
+    "lowrank",
     "analyze",
     "inspect",
     "load",

@@ -31,7 +31,8 @@ from spa.rules.base import Role
 
 __all__ = ["ALLOCATIONS", "TargetSearch", "allocate", "search_target"]
 
-ALLOCATIONS = ("uniform", "global")
+#: "latency" is "global" over scores weighted by measured latency savings (spa.latency_target).
+ALLOCATIONS = ("uniform", "global", "latency")
 
 
 class _Budget:

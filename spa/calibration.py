@@ -27,7 +27,11 @@ import onnx_ir as ir
 from spa.errors import UsageError
 from spa.inputs import graph_inputs
 
-__all__ = ["Calibration", "open_calibration"]
+__all__ = ["Calibration", "LABELS", "open_calibration"]
+
+#: The key of optional labels in calibration data (one per sample, stacked like the inputs):
+#: the gradient criteria's cross-entropy reads them; everything else never sees them.
+LABELS = "labels"
 
 
 class Calibration:
@@ -51,11 +55,17 @@ class Calibration:
             raise UsageError(f"--calibration {self.describe}: no samples")
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for feed, _ in self.labelled():
+            yield feed
+
+    def labelled(self) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
+        """(feed, its labels or None) per sample: the ``labels`` entry is kept out of the feed."""
         n = 0
         for feed in self._raw():
             if self.limit is not None and n >= self.limit:
                 return
-            yield self._check(feed, n)
+            labels = feed.pop(LABELS, None) if LABELS not in self.specs else None  # an input called "labels" stays an input
+            yield self._check(feed, n), None if labels is None else np.atleast_1d(np.asarray(labels))
             n += 1
 
     # -- reading ----------------------------------------------------------------------------
@@ -82,14 +92,16 @@ class Calibration:
             yield {k: np.asarray(v) for k, v in item.items()}
 
     def _folder(self, p: pathlib.Path) -> Iterator[dict[str, np.ndarray]]:
-        named = {f.stem: f for f in p.glob("*.npy") if f.stem in self.specs}
+        named = {f.stem: f for f in p.glob("*.npy") if f.stem in self.specs or f.stem == LABELS}
+        if set(named) == {LABELS}:
+            named = {}
         if named:
             yield from self._stacked({k: np.load(f, mmap_mode="r", allow_pickle=False) for k, f in named.items()}, str(p))
             return
         if len(self.specs) != 1:
             raise UsageError(f"--calibration {p}: name the files after the inputs ({', '.join(f'{n}.npy' for n in self.specs)})")
         (name,) = self.specs
-        for f in sorted(p.glob("*.npy")):
+        for f in sorted(f for f in p.glob("*.npy") if f.stem != LABELS):
             yield from self._stacked({name: np.load(f, allow_pickle=False)}, str(f))
 
     def _stacked(self, arrays: Mapping[str, np.ndarray], where: str) -> Iterator[dict[str, np.ndarray]]:
@@ -101,6 +113,9 @@ class Calibration:
         for i in range(total):
             feed = {}
             for k, a in arrays.items():
+                if k == LABELS and k not in self.specs:
+                    feed[k] = np.atleast_1d(np.asarray(a[i]))
+                    continue
                 rank = len(self.specs[k].shape) if self.specs[k].shape is not None else np.ndim(a)
                 feed[k] = np.asarray(a[i : i + 1] if np.ndim(a) == rank else a[i])
             yield feed
@@ -108,7 +123,7 @@ class Calibration:
     # -- checking ---------------------------------------------------------------------------
     def _names(self, feed: Mapping[str, Any], where: str) -> None:
         missing = [n for n in self.specs if n not in feed]
-        extra = [n for n in feed if n not in self.specs]
+        extra = [n for n in feed if n not in self.specs and n != LABELS]  # labels: kept apart by ``labelled``
         if missing or extra:
             parts = []
             if missing:

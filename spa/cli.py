@@ -20,12 +20,13 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from spa import io
+from spa import io, safety
 from spa.allocate import ALLOCATIONS
 from spa.criteria import CRITERIA
 from spa.errors import OutputError, SpaError, UsageError, VerificationError
+from spa.factorize import LOWRANK_MODES
 from spa.passes.manager import DumpInstrument, PassManager, ProgressInstrument
-from spa.passes.compensate import COMPENSATE
+from spa.passes.compensate import COMPENSATE, DATA_FREE_METHODS
 from spa.pipeline import PruneOptions, State, analyze, default_steps, run_pipeline
 from spa.planning import Plan
 from spa.report import Report, Timer, human
@@ -58,9 +59,16 @@ def _errors() -> Iterator[None]:
         _fail(2, str(e).splitlines()[0] if str(e) else type(e).__name__)
     except click.exceptions.Exit:
         raise
+    except _Terminated:
+        _fail(143, "terminated (SIGTERM)")
     except KeyboardInterrupt:
         _fail(130, "interrupted")
-    except Exception:  # noqa: BLE001 - a bug: show it, exit 1
+    except Exception as e:  # noqa: BLE001 - a bug: show it, exit 1
+        kind = _interrupted(e)  # a signal that landed inside an import or a callback, re-raised wrapped
+        if kind is _Terminated:
+            _fail(143, "terminated (SIGTERM)")
+        if kind is KeyboardInterrupt:
+            _fail(130, "interrupted")
         traceback.print_exc()
         _fail(1, "internal error (a bug in spa; the traceback is above)")
 
@@ -76,6 +84,13 @@ class _Progress:
             return []
         self._status.__enter__()
         return [ProgressInstrument(lambda step: self._status.update(f"[bold]{step}[/bold]…"))]
+
+    def tuning(self, task: str, done: int, total: int) -> None:
+        """MetaSchedule's progress: a bar over the tasks the database lacks."""
+        if self._status is not None:
+            width = 20
+            bar = "█" * (width * done // max(total, 1)) + "░" * (width - width * done // max(total, 1))
+            self._status.update(f"[bold]compile[/bold]: tuning {bar} {done}/{total} tasks" + (f" · {task}" if task else ""))
 
     def __exit__(self, *exc) -> None:
         if self._status is not None:
@@ -110,10 +125,11 @@ _plan_options = _options_decorator(
     [
         click.option("--ratio", type=float, default=0.5, show_default=True, help="Fraction of each group's channels to remove, in [0, 1)."),
         click.option("--criterion", type=click.Choice(sorted(CRITERIA)), default="l1", show_default=True, help="Importance criterion, aggregated over every coupled weight of a group."),
-        click.option("--allocation", type=click.Choice(ALLOCATIONS), default="uniform", show_default=True, help="uniform: the same ratio per group; global: one threshold over normalised scores."),
+        click.option("--allocation", type=click.Choice(ALLOCATIONS), default="uniform", show_default=True, help="uniform: the same ratio per group; global: one threshold over normalised scores; latency: global, over scores per millisecond each group's units save (measured)."),
         click.option("--min-keep", type=float, default=0.1, show_default=True, help="Every layer keeps at least this fraction of its channels (and ≥ 1)."),
-        click.option("--round-to", type=int, default=1, show_default=True, help="Every layer's kept channel count is a multiple of N where it has ≥ N channels."),
+        click.option("--round-to", type=int, default=None, help="Every layer's kept channel count is a multiple of N where it has ≥ N channels. Default: 1; with --target, the target's vector width (llvm: 16 with AVX-512, 8 with AVX2, else 4; cuda: 8)."),
         click.option("--flops-target", type=float, default=None, help="Keep ≤ F of the original FLOPs (the ratio is searched)."),
+        click.option("--latency-target", type=float, default=None, metavar="MS", help="Keep the predicted latency on the target ≤ MS milliseconds (the ratio is searched from a per-layer table measured on ORT, or on TVM with --target; cached in --tuning-db)."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random criterion and of the verification inputs."),
         _input_options,
         click.option("--allow-inexact", is_flag=True, help="Also prune channels that LayerNorm/RMSNorm mix (a transformer's hidden size). Not exact: the report says which groups."),
@@ -121,6 +137,22 @@ _plan_options = _options_decorator(
         click.option("--compensate", type=click.Choice(list(COMPENSATE)), default="none", show_default=True, help="Repair the layers that read removed channels: data-free (BatchNorm statistics, no data) or calibration (least squares on --calibration data)."),
         click.option("--calibration", type=click.Path(exists=False), default=None, metavar="DATA", help="Calibration inputs: a .npz keyed by input name, or a folder of .npy files (samples on axis 0)."),
         click.option("--calibration-samples", type=int, default=128, show_default=True, help="Use at most N calibration samples."),
+        click.option("--data-free-method", type=click.Choice(list(DATA_FREE_METHODS)), default="moments", show_default=True, help="--compensate data-free: moments (channels independent) or udfc (correlated as the producing layer's filters say: removed channels rebuilt from similar kept ones)."),
+        click.option("--max-memory", type=str, default=None, metavar="SIZE", callback=lambda _c, _p, v: _memory_size(v), help="Memory ceiling for analysis (e.g. 8G, 512M): a model whose declared tensors need more is refused at load. Default: half of the machine's RAM."),
+        click.option("--lowrank", type=click.Choice(list(LOWRANK_MODES)), default="none", show_default=True, help="Also factorize layers by truncated SVD: energy (every layer at --lowrank-energy) or auto (keep/prune/factorize per layer to meet --flops-target or --params-target at least estimated error)."),
+        click.option("--lowrank-energy", type=float, default=0.95, show_default=True, help="--lowrank energy: each layer keeps the smallest rank holding this fraction of its singular energy, in (0, 1]."),
+        click.option("--params-target", type=float, default=None, help="With --lowrank auto: keep ≤ F of the original parameters."),
+        click.option("--fold", is_flag=True, help="After surgery, fold BatchNorm and per-channel Mul/Add into weights, merge linear pairs where cheaper, remove no-ops (exact, checked in ORT)."),
+    ]
+)
+
+_target_options = _options_decorator(
+    [
+        click.option("--target", default="onnx", show_default=True, metavar="TARGET", help="onnx (the ONNX file), or a TVM target to also build a module for: llvm [-mcpu=… -mattr=… -mtriple=…], cuda [-arch=sm_80], any TVM kind, or its JSON form."),
+        click.option("--tune-trials", type=int, default=0, show_default=True, help="MetaSchedule trials for the whole model (0: TVM's default schedules)."),
+        click.option("--tuning-db", type=click.Path(file_okay=False), default=None, metavar="DIR", help="Tuning records, reused across runs and models (workloads already there are not tuned again)."),
+        click.option("--rpc-tracker", default=None, metavar="HOST:PORT", help="TVM RPC tracker: tune and time on a device registered there."),
+        click.option("--rpc-key", default=None, metavar="KEY", help="The device key at --rpc-tracker."),
     ]
 )
 
@@ -182,9 +214,11 @@ def _run(state: State, mode: str, *, as_json: bool, quiet: bool, explain: bool, 
         return
     dump = _check_dump_dir(dump_dir)
     timer = Timer()
-    with _Progress(not (quiet or as_json)) as instruments:
+    progress = _Progress(not (quiet or as_json))
+    with progress as instruments:
         if dump is not None:
             instruments.append(DumpInstrument(dump))
+        state.emit_progress = progress.tuning
         run_pipeline(state, mode=mode, timer=timer, instruments=instruments)
     report = state.report
     if as_json:
@@ -194,6 +228,8 @@ def _run(state: State, mode: str, *, as_json: bool, quiet: bool, explain: bool, 
             _say("warning", w)
     if not (quiet or as_json):
         _print_report(report)
+    if report.target is not None and report.target.get("error"):
+        sys.exit(3)  # the pruned ONNX is written; the module is not (the warning above says why)
 
 
 class _OneLineErrors(click.Group):
@@ -227,6 +263,7 @@ def cli(verbose: int) -> None:
 @_plan_options
 @click.option("--no-bench", is_flag=True, help="Skip the side-by-side ORT latency measurement.")
 @click.option("--keep-opset", is_flag=True, help=_KEEP_OPSET_HELP)
+@_target_options
 @_run_options
 def prune(model, output, no_bench, verify, report_path, as_json, quiet, in_place, dump_dir, explain, **flags) -> None:
     """Prune MODEL and write the smaller model."""
@@ -263,12 +300,13 @@ def plan_cmd(model, output, **flags) -> None:
 @_input_options
 @click.option("--bench", is_flag=True, help="Also measure ORT latency side by side.")
 @click.option("--keep-opset", is_flag=True, help=_KEEP_OPSET_HELP)
+@_target_options
 @_run_options
-def apply_cmd(model, plan_file, output, input_shapes, input_values, bench, keep_opset, verify, report_path, as_json, quiet, in_place, dump_dir, explain) -> None:
+def apply_cmd(model, plan_file, output, input_shapes, input_values, bench, keep_opset, verify, report_path, as_json, quiet, in_place, dump_dir, explain, **target) -> None:
     """Replay PLAN_FILE (from `spa plan`) on MODEL."""
     with _errors():
         plan = _read_plan(plan_file)
-        opts = _prune_options(**{**plan.options, "verify": verify, "benchmark": bench, "input_shapes": input_shapes, "input_values": input_values, "keep_opset": keep_opset})
+        opts = _prune_options(**{**plan.options, "verify": verify, "benchmark": bench, "input_shapes": input_shapes, "input_values": input_values, "keep_opset": keep_opset, **target})
         state = State(
             source=model, options=opts, plan=plan, source_path=model, in_place=in_place,
             output_path=pathlib.Path(output) if output else io.default_output_path(model),
@@ -323,6 +361,54 @@ def inspect(model, input_shapes, input_values, as_json, show_all, html_path, all
         out.print(t)
 
 
+@cli.command("lowrank")
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.option("-o", "--output", type=click.Path(), default=None, help="Output path (default: MODEL.spa.onnx beside the input).")
+@click.option("--energy", type=float, default=0.95, show_default=True, help="Each layer keeps the smallest rank holding this fraction of its singular energy, in (0, 1].")
+@click.option("--flops-target", type=float, default=None, help="Instead of --energy: ranks chosen by the allocator to keep ≤ F of the FLOPs (nothing pruned).")
+@click.option("--params-target", type=float, default=None, help="Instead of --energy: ranks chosen to keep ≤ F of the parameters.")
+@click.option("--round-to", type=int, default=1, show_default=True, help="Ranks are multiples of N (rounded up).")
+@click.option("--fold", is_flag=True, help="Also run the exact folding passes first (BatchNorm, per-channel Mul/Add, linear pairs, no-ops).")
+@click.option("--calibration", type=click.Path(exists=False), default=None, metavar="DATA", help="Calibration inputs: Gemm/MatMul layers use the activation-whitened SVD (less output error).")
+@click.option("--calibration-samples", type=int, default=128, show_default=True, help="Use at most N calibration samples.")
+@_input_options
+@click.option("--no-bench", is_flag=True, help="Skip the side-by-side ORT latency measurement.")
+@_run_options
+def lowrank_cmd(model, output, energy, flops_target, params_target, round_to, fold, calibration, calibration_samples, no_bench,
+                verify, report_path, as_json, quiet, in_place, dump_dir, explain, **flags) -> None:
+    """Factorize MODEL's Gemm/MatMul/Conv layers by truncated SVD where it pays (nothing is pruned)."""
+    with _errors():
+        auto = flops_target is not None or params_target is not None
+        opts = _prune_options(ratio=0.0, min_keep=1.0, lowrank="auto" if auto else "energy", lowrank_energy=energy, flops_target=flops_target,
+                              params_target=params_target, round_to=round_to, fold=fold, calibration=calibration,
+                              calibration_samples=calibration_samples, verify=verify, benchmark=not no_bench, **flags)
+        state = State(
+            source=model, options=opts, source_path=model, in_place=in_place,
+            output_path=pathlib.Path(output) if output else io.default_output_path(model),
+            report_path=pathlib.Path(report_path) if report_path else None,
+        )
+        _run(state, "prune", as_json=as_json, quiet=quiet, explain=explain, dump_dir=dump_dir)
+
+
+def _print_lowrank(r: Report) -> None:
+    lr = r.lowrank
+    t = Table(title=f"low-rank ({lr['mode']})", show_lines=False)
+    for col in ("layer", "op", "action", "rank / full", "FLOPs before → after", "rel. error est.", "rel. error measured", "why kept"):
+        t.add_column(col, no_wrap=col in ("action", "rank / full"), overflow="fold")
+    for row in lr["layers"]:
+        rank = f"{row['rank']} / {row['full_rank']}" if row["rank"] else f"— / {row['full_rank']}"
+        err = row.get("error")
+        est = row.get("estimated_error")
+        t.add_row(row["layer"], row["op"], row["action"], rank, f"{human(row['flops_before'])} → {human(row['flops_after'])}",
+                  "" if est is None else f"{est:.4f}", "" if err is None else f"{err:.4f}", row.get("reason", ""))
+    out.print(t)
+    if lr.get("full_rank_max_abs_diff") is not None:
+        out.print(f"full-rank factorization: max |diff| {lr['full_rank_max_abs_diff']:.3g} → exact (the rewrite is proven)")
+    if lr.get("output_error_vs_original") is not None:
+        out.print(f"model output error (relative L2) vs the original: {lr['output_error_vs_original']:.4f}"
+                  f" (the low-rank step alone: {lr['output_error_vs_before']:.4f})")
+
+
 def _latency_cells(r: Report) -> tuple[str, str, str]:
     (b10, b90), (a10, a90) = r.latency_p10_p90_ms or ([r.latency_ms_before] * 2, [r.latency_ms_after] * 2)
     before = f"{r.latency_ms_before:.3f} ({b10:.3f}–{b90:.3f})"
@@ -343,6 +429,10 @@ def _print_report(r: Report) -> None:
         t.add_row("ORT ms: median (p10–p90)", *_latency_cells(r))
     out.print(t)
     out.print(f"groups: {r.groups_total} · pruned {r.groups_pruned} · frozen {r.groups_blocked} · partly frozen {r.groups_partial}")
+    if r.lowrank is not None:
+        _print_lowrank(r)
+    if r.fold is not None:
+        out.print("fold: removed " + ", ".join(f"{n} ×{k}" for n, k in r.fold["removed_nodes"].items() if k) if any(r.fold["removed_nodes"].values()) else "fold: nothing to fold")
     if r.oracle is not None:
         o = r.oracle
         if o.get("asserted", True):
@@ -362,8 +452,108 @@ def _print_report(r: Report) -> None:
         out.print("frozen channels, by reason: " + ", ".join(f"{k} ×{v}" for k, v in sorted(reasons.items())))
     for note in r.notes:
         out.print(f"note: {note}")
+    if r.target is not None:
+        _print_target(r.target)
     if r.output:
         out.print(f"wrote {r.output}")
+
+
+@cli.command("compile")
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.option("-o", "--output", type=click.Path(), default=None, help="The library (default: MODEL.<target>.so beside the input; .tar for a cross target).")
+@_target_options
+@_input_options
+@click.option("--no-bench", is_flag=True, help="Skip the TVM vs ORT latency measurement.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--quiet", is_flag=True, help="Print nothing on success.")
+@_verbose
+def compile_cmd(model, output, target, tune_trials, tuning_db, rpc_tracker, rpc_key, input_shapes, input_values, no_bench, as_json, quiet) -> None:
+    """Build MODEL with TVM for --target (no pruning), check it against ONNX Runtime, time both."""
+    import tempfile
+
+    from spa.kernels.emit import compile_onnx
+    from spa.passes import emit as emit_mod
+
+    with _errors():
+        if (target or "onnx") == "onnx":
+            raise UsageError("spa compile needs --target llvm|cuda|… (onnx is the file itself)")
+        opts = _prune_options(target=target, tune_trials=tune_trials, tuning_db=tuning_db, rpc_tracker=rpc_tracker, rpc_key=rpc_key,
+                              input_shapes=input_shapes, input_values=input_values, benchmark=not no_bench)
+        model_ir = io.load_model(model)  # the same safe load as prune (one-line refusals)
+        emit = emit_mod.preflight(opts)
+        default = emit_mod.module_path_for(pathlib.Path(model), emit.target.suffix)
+        dest = io.check_output_path(pathlib.Path(output) if output else default, source_path=model)
+        progress = _Progress(not (quiet or as_json))
+        emit.progress = progress.tuning
+        with tempfile.TemporaryDirectory(prefix="spa-") as tmp, progress:
+            folder = pathlib.Path(tmp)
+            onnx_path = folder / "model.onnx"
+            io.save_model(model_ir, onnx_path, durable=False)
+            feeds = emit_mod.feeds_for(model_ir, opts)
+            info = compile_onnx(onnx_path, feeds, folder / f"module{emit.target.suffix}", emit, scratch=folder)
+            emit_mod.ModuleArtifact.read(pathlib.Path(info["module"]), emit.target.suffix).write(dest)
+        info["module"] = str(dest)
+        if as_json:
+            click.echo(json.dumps(info, indent=1))
+        elif not quiet:
+            _print_target(info)
+
+
+@cli.command("bench")
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=True))
+@click.option("--target", default="onnx", show_default=True, metavar="TARGET", help="onnx: ORT only; a TVM target: ORT and TVM for each model.")
+@click.option("--tuning-db", type=click.Path(file_okay=False), default=None, metavar="DIR", help="Build TVM modules from these tuning records (nothing is tuned).")
+@_input_options
+@click.option("--budget", type=float, default=5.0, show_default=True, help="Seconds of timed runs (after warm-up), all models together.")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+@_verbose
+def bench_cmd(models, target, tuning_db, input_shapes, input_values, budget, as_json) -> None:
+    """ORT (and TVM) latency of ORIGINAL [PRUNED ...], measured side by side in one run."""
+    import tempfile
+
+    from spa.kernels.bench import bench_models
+    from spa.passes import emit as emit_mod
+
+    with _errors():
+        opts = _prune_options(target=target, tuning_db=tuning_db, input_shapes=input_shapes, input_values=input_values)
+        first = io.load_model(models[0])
+        for m in models[1:]:
+            io.load_model(m)
+        emit = emit_mod.preflight(opts) if emit_mod.wants_module(opts) else None
+        feeds = emit_mod.feeds_for(first, opts)
+        with tempfile.TemporaryDirectory(prefix="spa-") as tmp, _Progress(not as_json) as _:
+            rows = bench_models(list(models), feeds, emit=emit, budget_s=budget, scratch=pathlib.Path(tmp))
+        if as_json:
+            click.echo(json.dumps([r.to_json() for r in rows], indent=1))
+            return
+        t = Table(title="spa bench: median ms (p10–p90), side by side, order rotated")
+        for col, justify in (("model", "left"), ("runtime", "left"), ("ms", "right"), ("vs first (ORT)", "right")):
+            t.add_column(col, justify=justify)
+        for r in rows:
+            t.add_row(r.model, r.runtime, f"{r.median_ms:.3f} ({r.p10_p90_ms[0]:.3f}–{r.p10_p90_ms[1]:.3f})", f"{r.vs_first:.3f}")
+        out.print(t)
+
+
+def _print_target(info: dict[str, Any]) -> None:
+    """The emit section: where the module is, its check against ORT, TVM vs ORT latency."""
+    if info.get("error"):
+        return  # the warning line says it
+    tuning = info.get("tuning")
+    line = f"module for {info['target']}: {info['module']} (built in {info['compile_s']:.1f} s"
+    if tuning:
+        line += f"; tuning: {tuning['tasks_tuned']} tasks tuned in {tuning['tune_s']:.0f} s, {tuning['tasks_from_database']} from the database"
+    out.print(line + ")", markup=False, highlight=False)
+    if info.get("cuda_check") and info["cuda_check"].get("compiled"):
+        c = info["cuda_check"]
+        out.print(f"CUDA: {c['kernels']} kernels compiled ahead of time by nvcc for {c['arch']}", markup=False, highlight=False)
+    if info.get("check"):
+        out.print(f"TVM vs ONNX Runtime: max |diff| {info['check']['max_abs_diff']:.3g} (within atol {info['check']['atol']}, rtol {info['check']['rtol']})")
+    lat = info.get("latency")
+    if lat:
+        out.print(f"latency of this model: TVM {lat['tvm_ms']:.3f} ms · ONNX Runtime {lat['ort_ms']:.3f} ms → deploy {lat['recommended']}",
+                  markup=False, highlight=False)
+    for note in info.get("notes", []):
+        out.print(f"note: {note}", markup=False, highlight=False)
 
 
 def _read_plan(path: str) -> Plan:
@@ -372,8 +562,48 @@ def _read_plan(path: str) -> Plan:
     return Plan.load(path)
 
 
+def _memory_size(value: str | None) -> int | None:
+    """``--max-memory 8G`` → bytes; a bad size is a usage error (one line, exit 2)."""
+    if value is None:
+        return None
+    try:
+        return safety.parse_size(value)
+    except SpaError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _interrupted(exc: BaseException) -> type | None:
+    """_Terminated or KeyboardInterrupt when one is in ``exc``'s chain (cause or context)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, KeyboardInterrupt):
+            return _Terminated if isinstance(cur, _Terminated) else KeyboardInterrupt
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that every ``finally`` (scratch folders, the
+    atomic save's temporary folder) runs before the process exits."""
+
+
+def _on_sigterm(_signum: int, _frame: object) -> None:
+    raise _Terminated()
+
+
 def main() -> None:
-    cli(prog_name="spa")
+    import signal
+
+    try:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (embedded use): keep the default
+        pass
+    try:
+        cli(prog_name="spa")
+    except _Terminated:  # outside _errors (parsing, imports): still one line, no traceback
+        _fail(143, "terminated")
 
 
 if __name__ == "__main__":

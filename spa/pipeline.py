@@ -1,7 +1,7 @@
 """The pipeline, readable top to bottom in one place (:func:`default_steps`).
 
-    load → canonicalize → analyze → statistics → score → allocate → plan │ snapshot → check-upgrade
-         → compensate → prune → measure → check → oracle → error → benchmark → restore-opset → report → save
+    load → canonicalize → analyze → statistics → gradients → score → allocate → plan │ snapshot → check-upgrade
+         → compensate → prune → measure → check → oracle → error → fold → lowrank → benchmark → restore-opset → report → save
 
 Every entry is a :class:`~spa.passes.manager.Step` run by the pass manager over one
 :class:`State`; later stages (lowrank, fold, emit) are new entries in that list, as compensation's three
@@ -40,11 +40,17 @@ from spa.errors import PlanMismatchError, UsageError
 from spa.graph import add_note, all_initializers, notes as model_notes
 from spa.compensation import DAMP
 from spa.passes import compensate as compensate_mod
+from spa.passes import gradients as gradients_mod
+from spa import latency_target
+from spa.passes import emit as emit_mod
 from spa.passes import upgrade_opset
 from spa.passes.canonicalize import CanonicalizePass
-from spa.passes.compensate import COMPENSATE
+from spa.passes.compensate import COMPENSATE, DATA_FREE_METHODS
 from spa.passes.manager import PassManager, Step, TimingInstrument
 from spa.passes.prune import PrunePass
+from spa.passes import fold as fold_mod
+from spa.passes import lowrank_step as lowrank_mod
+from spa.factorize import LOWRANK_MODES, check_energy, check_rank
 from spa.plan_schema import PLAN_OPTION_KEYS
 from spa.planning import Plan, build_plan
 from spa.report import Report, Timer
@@ -63,6 +69,7 @@ __all__ = [
     "prune",
     "plan",
     "apply",
+    "lowrank",
 ]
 
 logger = logging.getLogger(__name__)
@@ -77,7 +84,8 @@ class PruneOptions:
     criterion: str = "l1"
     allocation: str = "uniform"
     min_keep: float = 0.1
-    round_to: int = 1
+    #: Kept channel counts are multiples of this; None: 1, or the target's vector width with --target.
+    round_to: int | None = None
     flops_target: float | None = None
     seed: int = 0
     input_shapes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
@@ -99,11 +107,43 @@ class PruneOptions:
     calibration_order: str = "sequential"
     #: Ridge damping of the compensation's least squares, relative to mean(diag H).
     damp: float = DAMP
+    #: Data-free statistics: moments (channels independent) | udfc (correlated as the
+    #: producing layer's filters say; spa.passes.compensate.DATA_FREE_METHODS).
+    data_free_method: str = "moments"
     #: Per-call channel rules for custom ops (any form ``spa.rules.registry.resolve_rules``
     #: accepts); looked up before the registry. Not a plan option: a plan records their effect.
     rules: Sequence[Any] | Mapping[Any, Any] | None = None
+    #: Keep ≤ F of the original parameters (``--lowrank auto`` only: the combined allocator).
+    params_target: float | None = None
+    #: Low-rank factorization: none | energy (every layer at ``lowrank_energy``) | auto (the
+    #: combined allocator meets --flops-target/--params-target; spa.lowrank_alloc).
+    lowrank: str = "none"
+    lowrank_energy: float = 0.95
+    #: weight name → rank: the allocator's choice, recorded in the plan so ``apply`` replays it.
+    lowrank_ranks: dict[str, int] | None = None
+    #: Exact folding passes after surgery (BN, per-channel Mul/Add, linear pairs, no-ops).
+    fold: bool = False
+    #: Memory ceiling for analysis in bytes (``--max-memory``): a model whose declared tensors
+    #: need more is refused at load (spa.safety). None: half of the machine's RAM.
+    max_memory: int | None = None
+    #: Emit for a device (spa.kernels): onnx (the ONNX file only) | llvm [-mcpu=…] | cuda [-arch=…] | …
+    target: str = "onnx"
+    #: MetaSchedule trials for the whole model (0: default schedules); records in ``tuning_db``.
+    tune_trials: int = 0
+    tuning_db: str | None = None
+    #: A TVM RPC tracker (HOST:PORT) and device key: tuning and latency runs on that device.
+    rpc_tracker: str | None = None
+    rpc_key: str | None = None
+    #: Keep the predicted latency on the target ≤ this many ms (the ratio is searched from a
+    #: measured per-layer table: spa.latency_target). A plan option.
+    latency_target: float | None = None
 
     def validate(self) -> None:
+        if self.latency_target is not None and not self.latency_target > 0:
+            raise UsageError(f"latency-target must be > 0 ms, got {self.latency_target}")
+        emit_mod.validate_options(self)
+        if self.round_to is None:
+            self.round_to = emit_mod.default_round_to(self)
         if not 0.0 <= self.ratio < 1.0:
             raise UsageError(f"ratio must be in [0, 1), got {self.ratio}")
         if self.flops_target is not None and not 0.0 < self.flops_target <= 1.0:
@@ -116,10 +156,25 @@ class PruneOptions:
             raise UsageError(f"calibration_order must be sequential or parallel, got {self.calibration_order!r}")
         if self.calibration_samples < 1:
             raise UsageError(f"calibration-samples must be ≥ 1, got {self.calibration_samples}")
+        if self.data_free_method not in DATA_FREE_METHODS:
+            raise UsageError(f"data_free_method must be one of {', '.join(DATA_FREE_METHODS)}, got {self.data_free_method!r}")
         if not 0.0 <= self.damp < 1e6:
             raise UsageError(f"damp must be ≥ 0, got {self.damp}")
         get_criterion(self.criterion)
         resolve_rules(self.rules)  # a custom rule that is not one is refused before any work
+        if self.max_memory is not None and self.max_memory < 1:
+            raise UsageError(f"max-memory must be at least one byte, got {self.max_memory}")
+        if self.lowrank not in LOWRANK_MODES:
+            raise UsageError(f"lowrank must be one of {', '.join(LOWRANK_MODES)}, got {self.lowrank!r}")
+        check_energy(self.lowrank_energy)
+        if self.params_target is not None and not 0.0 < self.params_target <= 1.0:
+            raise UsageError(f"params-target must be in (0, 1], got {self.params_target}")
+        if self.params_target is not None and self.lowrank != "auto":
+            raise UsageError("--params-target needs --lowrank auto (pruning alone searches --flops-target)")
+        if self.lowrank == "auto" and self.lowrank_ranks is None and (self.flops_target is None) == (self.params_target is None):
+            raise UsageError("--lowrank auto needs one of --flops-target or --params-target")
+        for w, r in (self.lowrank_ranks or {}).items():
+            check_rank(r, f"lowrank rank for '{w}'")
 
     def plan_options(self) -> dict[str, Any]:
         """The options that decide the plan (recorded in it; verification ones are not)."""
@@ -131,9 +186,15 @@ class PruneResult:
     model: ir.Model
     report: Report
     plan: Plan
+    #: ``target=`` other than onnx: the compiled library (``save`` writes it beside the ONNX,
+    #: named ``OUT.<target>.so``; ``spa.kernels.load`` runs it).
+    module: emit_mod.ModuleArtifact | None = None
 
     def save(self, path: str | os.PathLike, **kw) -> pathlib.Path:
-        return io.save_model(self.model, path, **kw)
+        written = io.save_model(self.model, path, **kw)
+        if self.module is not None:
+            self.module.write(emit_mod.module_path_for(pathlib.Path(os.path.abspath(path)), self.module.suffix))
+        return written
 
 
 @dataclasses.dataclass
@@ -182,11 +243,24 @@ class State:
     #: it), the plan surgery runs (the plan plus created biases), the measured errors.
     consumers: Any = None
     moments: dict[str, Any] | None = None
+    #: Gradient criteria: per weight, the quantity the criterion needs (``gradients`` step).
+    gradients: dict[str, np.ndarray] | None = None
     calibration: Any = None
     compensation: Any = None
     reference_path: pathlib.Path | None = None
     surgery_plan: Plan | None = None
     compensation_report: dict[str, Any] | None = None
+    #: ``fold`` and ``lowrank`` steps: what they did, per pass / per layer.
+    fold_report: dict[str, Any] | None = None
+    lowrank_report: dict[str, Any] | None = None
+    #: --lowrank auto: the allocator's ranks (weight → rank), written into the plan's options.
+    lowrank_ranks: dict[str, int] | None = None
+    #: --target: the checked emit options (``preflight``), a progress callback for tuning, the
+    #: report's ``target`` section, and the built library in the scratch folder.
+    emit_options: Any = None
+    emit_progress: Any = None
+    target_report: dict[str, Any] | None = None
+    module: emit_mod.ModuleArtifact | None = None
     #: Seconds per step so far (the timing instrument writes it; the report copies it).
     timer: Timer = dataclasses.field(default_factory=Timer)
     _cache: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -226,21 +300,21 @@ class State:
 # ---------------------------------------------------------------------------------------------
 
 
-def load(source: ModelSource) -> tuple[ir.Model, str, str | None]:
+def load(source: ModelSource, *, max_memory: int | None = None) -> tuple[ir.Model, str, str | None]:
     """Load into an IR the caller does not own: (model, description, sha256 of the file)."""
     if isinstance(source, (str, os.PathLike)):
-        model = io.load_model(source)
+        model = io.load_model(source, max_memory=max_memory)
         return model, str(source), io.model_sha256(source)
     if isinstance(source, ir.Model):
         # Never mutate the caller's model: work on a copy.
         model = ir.from_proto(ir.to_proto(source))
         io.check_model_structure(model)
         return model, "<onnx_ir.Model>", None
-    return io.load_model(source), "<onnx.ModelProto>", None
+    return io.load_model(source, max_memory=max_memory), "<onnx.ModelProto>", None
 
 
 def _load(s: State) -> bool:
-    s.model, s.source_desc, s.sha256 = load(s.source)
+    s.model, s.source_desc, s.sha256 = load(s.source, max_memory=s.options.max_memory)
     if s.source_path is None and isinstance(s.source, (str, os.PathLike)):
         s.source_path = os.fspath(s.source)
     return True
@@ -257,18 +331,35 @@ def _analyze(s: State) -> bool:
 
 def _score(s: State) -> bool:
     crit = get_criterion(s.options.criterion)
-    inputs = CriterionInputs(weight=_weight_reader(s.model), seed=s.options.seed, model=s.model, consumers=s.consumers, moments=s.moments)
+    inputs = CriterionInputs(weight=_weight_reader(s.model), seed=s.options.seed, model=s.model, consumers=s.consumers, moments=s.moments,
+                             gradients=s.gradients)
     s.scores = score_groups(s.analysis.channels, crit, inputs)
     return False
 
 
 def _allocate(s: State) -> bool:
     o, cg = s.options, s.analysis.channels
+    scores, method, lat = s.scores, o.allocation, None
+    if o.latency_target is not None or o.allocation == "latency":
+        lat = latency_target.prepare(s)  # measured on the runtime the model will run on
+        s.notes["latency_allocation"] = lat.notes()
+        if o.allocation == "latency":
+            scores, method = lat.weighted(cg.groups, s.scores, lambda rem: _size_fn(cg, rem)), "global"
 
     def removed_at(ratio: float) -> dict[str, np.ndarray]:
-        return allocate(cg.groups, s.scores, ratio=ratio, method=o.allocation, min_keep=o.min_keep, round_to=o.round_to)
+        return allocate(cg.groups, scores, ratio=ratio, method=method, min_keep=o.min_keep, round_to=o.round_to)
 
     ratio = o.ratio
+    if o.latency_target is not None:
+        found = search_target(lambda r: lat.predict(_size_fn(cg, removed_at(r))), o.latency_target)
+        if not found.met:
+            raise UsageError(f"--latency-target {o.latency_target} ms is out of reach: the most this allocation removes is predicted "
+                             f"to run in {found.reached:.3f} ms (the input: {lat.base_ms:.3f} ms on {lat.runtime})")
+        ratio = found.ratio
+        s.notes["searched_ratio"] = ratio
+        s.notes["latency_allocation"]["predicted_ms_after"] = round(found.reached, 4)
+    if o.lowrank == "auto" and o.lowrank_ranks is None:
+        return _allocate_combined(s, removed_at)
     if o.flops_target is not None:
         cost = s.analysis.cost
         cost.require_known("--flops-target")
@@ -282,10 +373,36 @@ def _allocate(s: State) -> bool:
     return False
 
 
+def _allocate_combined(s: State, removed_at: Callable[[float], dict[str, np.ndarray]]) -> bool:
+    """--lowrank auto: prune ratio and per-layer ranks together (``spa.lowrank_alloc``); the
+    ranks become an option, so the plan records them and ``spa apply`` replays them."""
+    from spa.lowrank_alloc import allocate_combined
+
+    o, cg, cost = s.options, s.analysis.channels, s.analysis.cost
+    figure, target = ("flops", o.flops_target) if o.flops_target is not None else ("params", o.params_target)
+    if figure == "flops":
+        cost.require_known("--flops-target")
+    base = max(getattr(cost.count(), figure), 1)
+    alone = search_target(lambda r: getattr(cost.count(_size_fn(cg, removed_at(r))), figure) / base, target)
+    measure = None
+    if o.verify != "none":  # check the best estimates and both single methods in ORT, keep the least measured error
+        from spa.lowrank_alloc import output_error_fn
+
+        measure = output_error_fn(s.model, cg, removed_at, lowrank_mod.allocation_feeds(s), s.scratch)
+    choice = allocate_combined(s.model, cg, cost, removed_at, lambda rem: _size_fn(cg, rem), target=target, figure=figure,
+                               round_to=o.round_to, prune_ratio=alone.ratio, measure=measure)
+    s.removed = removed_at(choice.ratio)
+    s.lowrank_ranks = dict(sorted(choice.ranks.items()))
+    s.notes["searched_ratio"] = choice.ratio
+    s.notes["lowrank_allocation"] = {"figure": figure, "target": target, "estimated_error": round(choice.error, 6),
+                                     "estimated_prune_error": round(choice.prune_error, 6), "estimated_lowrank_error": round(choice.lowrank_error, 6),
+                                     "tried": choice.tried}
+    return False
+
+
 def _plan(s: State) -> bool:
-    s.plan = build_plan(
-        s.model, s.analysis.channels, s.removed, scores=s.scores, options=s.options.plan_options(), model_sha256=s.sha256
-    )
+    options = s.options.plan_options() | ({"lowrank_ranks": s.lowrank_ranks} if s.lowrank_ranks is not None else {})
+    s.plan = build_plan(s.model, s.analysis.channels, s.removed, scores=s.scores, options=options, model_sha256=s.sha256)
     return False
 
 
@@ -382,17 +499,25 @@ def _save(s: State) -> bool:
     """Write the report, then the model, so that a failure leaves neither behind."""
     if s.output_path is not None:
         s.report.output = str(pathlib.Path(os.path.abspath(s.output_path)))
+        if s.module is not None:
+            s.report.target["module"] = str(_module_path(s))
     written_report = None
     if s.report_path is not None:
         written_report = io.write_text_atomic(s.report_path, s.report.dumps() + "\n")
     if s.output_path is not None:
         try:
             io.save_model(s.model, s.output_path, source_path=s.source_path, in_place=s.in_place)
+            if s.module is not None:
+                s.module.write(_module_path(s))
         except BaseException:
             if written_report is not None:  # the report alone would describe a file that is not there
                 written_report.unlink(missing_ok=True)
             raise
     return False
+
+
+def _module_path(s: State) -> pathlib.Path:
+    return emit_mod.module_path_for(pathlib.Path(os.path.abspath(s.output_path)), s.module.suffix)
 
 
 def _needs_ort(s: State) -> bool:
@@ -406,8 +531,11 @@ def default_steps(*, mode: str = "prune") -> list[Step]:
     comp = lambda s: o(s).compensate != "none"  # noqa: E731
     statistics = Step("statistics", compensate_mod.statistics_step, "consumer view; activation moments (calibration data, or BatchNorm statistics / synthetic inputs)",
                       when=compensate_mod.needs_statistics, skip_reason=lambda s: "--compensate none and a weight-only criterion")
+    gradients = Step("gradients", gradients_mod.gradients_step, "gradients of the loss in torch (spa.autodiff), on calibration data with its labels or synthetic inputs",
+                     when=gradients_mod.needs_gradients, skip_reason=lambda s: "a criterion that needs no gradients")
     decide = [
         statistics,
+        gradients,
         Step("score", _score, "score every unit of every group with the criterion"),
         Step("allocate", _allocate, "choose the units each group loses (ratio, or searched for --flops-target)"),
         Step("plan", _plan, "turn the choice into tensor slices and attribute/constant rewrites"),
@@ -434,8 +562,14 @@ def default_steps(*, mode: str = "prune") -> list[Step]:
              when=lambda s: o(s).verify == "full", skip_reason=lambda s: f"--verify {o(s).verify}"),
         Step("error", compensate_mod.error_step, "output error against the original: plain pruning vs compensated",
              when=lambda s: comp(s) and _needs_ort(s) and s.feeds is not None, skip_reason=lambda s: "--compensate none" if not comp(s) else "no ONNX Runtime run"),
+        Step("fold", fold_mod.fold_step, "exact folding: no-ops, BatchNorm and per-channel Mul/Add into weights, linear pairs merged where cheaper (checked in ORT)",
+             when=lambda s: o(s).fold, skip_reason=lambda s: "no --fold"),
+        Step("lowrank", lowrank_mod.lowrank_step, "factorize layers where it pays (SVD; rank by energy or the allocator); full-rank oracle, per-layer and model output error",
+             when=lambda s: o(s).lowrank != "none", skip_reason=lambda s: "--lowrank none"),
         Step("benchmark", _benchmark, "ORT latency of the input and the pruned model, side by side",
              when=lambda s: o(s).benchmark, skip_reason=lambda s: "--no-bench"),
+        Step("compile", emit_mod.compile_step, "--target: build the pruned model with TVM (tuned with --tune-trials), check it against ORT, time both",
+             when=lambda s: emit_mod.wants_module(o(s)), skip_reason=lambda s: "--target onnx (the default)"),
         Step("restore-opset", _restore_opset, "--keep-opset: convert the output back to the input's opset 7–10 (checked in ONNX Runtime)",
              when=lambda s: o(s).keep_opset and _upgraded_from(s) is not None,
              skip_reason=lambda s: "runs only for an input upgraded from opset 7–10" if o(s).keep_opset else "no --keep-opset"),
@@ -456,6 +590,8 @@ def explain(options: PruneOptions, *, mode: str = "prune", output: bool = True) 
 def run_pipeline(state: State, *, mode: str, timer: Timer | None = None, instruments: Sequence[Any] = ()) -> State:
     """Run the default steps for ``mode`` on ``state``; scratch files are removed afterwards."""
     state.options.validate()
+    if emit_mod.wants_module(state.options) and mode != "plan" and state.emit_options is None:
+        state.emit_options = emit_mod.preflight(state.options)  # bad target/tracker/database: before any work
     if timer is not None:
         state.timer = timer
     manager = PassManager(default_steps(mode=mode), [TimingInstrument(state.timer), *instruments])
@@ -495,7 +631,7 @@ def analyze(
 def prune(source: ModelSource, *, timer: Timer | None = None, instruments: Sequence[Any] = (), **kwargs: Any) -> PruneResult:
     """Prune a model (path, ModelProto or onnx_ir.Model); see :class:`PruneOptions` for kwargs."""
     state = run_pipeline(State(source=source, options=_options(kwargs)), mode="prune", timer=timer, instruments=instruments)
-    return PruneResult(model=state.model, report=state.report, plan=state.plan)
+    return PruneResult(model=state.model, report=state.report, plan=state.plan, module=state.module)
 
 
 def plan(source: ModelSource, *, timer: Timer | None = None, instruments: Sequence[Any] = (), **kwargs: Any) -> Plan:
@@ -503,11 +639,30 @@ def plan(source: ModelSource, *, timer: Timer | None = None, instruments: Sequen
     return run_pipeline(State(source=source, options=_options(kwargs)), mode="plan", timer=timer, instruments=instruments).plan
 
 
+def lowrank(
+    source: ModelSource,
+    *,
+    energy: float = 0.95,
+    flops_target: float | None = None,
+    params_target: float | None = None,
+    timer: Timer | None = None,
+    instruments: Sequence[Any] = (),
+    **kwargs: Any,
+) -> PruneResult:
+    """Factorize without pruning (``spa lowrank``): every layer at the smallest rank holding
+    ``energy`` of its singular energy where that pays, or, with a target, the allocator's
+    ranks (``ratio=0``, ``min_keep=1``: nothing is pruned). Other kwargs as :func:`prune`."""
+    auto = flops_target is not None or params_target is not None
+    options = {"ratio": 0.0, "min_keep": 1.0, "lowrank": "auto" if auto else "energy", "lowrank_energy": energy,
+               "flops_target": flops_target, "params_target": params_target, **kwargs}
+    return prune(source, timer=timer, instruments=instruments, **options)
+
+
 def apply(source: ModelSource, plan: Plan, *, timer: Timer | None = None, instruments: Sequence[Any] = (), **kwargs: Any) -> PruneResult:
     """Replay ``plan`` on the model it was made for (checked by sha256 when both know it)."""
     state = State(source=source, options=_options(kwargs, plan.options), plan=plan)
     state = run_pipeline(state, mode="apply", timer=timer, instruments=instruments)
-    return PruneResult(model=state.model, report=state.report, plan=state.plan)
+    return PruneResult(model=state.model, report=state.report, plan=state.plan, module=state.module)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -556,7 +711,8 @@ def _make_report(s: State) -> Report:
                 layers.append({"weight": edit.name, "axis": axis, "channels": edit.shape[axis], "kept": len(edit.kept[axis])})
     cands = plan.groups
     warnings = list(s.warnings)
-    if not any(g.removed for g in cands):
+    factorized = s.lowrank_report is not None and any(l["rank"] for l in s.lowrank_report["layers"])
+    if not any(g.removed for g in cands) and not factorized:
         warnings.append(_nothing_pruned(plan))
     lat = s.latency
     return Report(
@@ -584,6 +740,9 @@ def _make_report(s: State) -> Report:
         spa_version=__version__,
         notes=model_notes(s.analysis.model),
         compensation=s.compensation_report or (s.compensation.summary() if s.compensation is not None else None),  # meta is not saved: the snapshot's copy has none
+        fold=s.fold_report,
+        lowrank=s.lowrank_report,
+        target=s.target_report,
         warnings=warnings,
     )
 

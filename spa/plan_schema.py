@@ -54,18 +54,30 @@ def _known_allocation(name: str) -> bool:
     return name in ALLOCATIONS
 
 
+def _ranks(value: Mapping[str, Any]) -> bool:
+    return all(isinstance(k, str) and isinstance(r, int) and not isinstance(r, bool) and r >= 1 for k, r in value.items())
+
+
 _NUMBER = (int, float)
 
 #: The options a plan records, in the order a plan writes them.
 PLAN_OPTIONS: dict[str, PlanOption] = {
     "ratio": PlanOption(_NUMBER, "a number in [0, 1)", lambda v: 0.0 <= v < 1.0),
     "criterion": PlanOption((str,), "a known criterion name", _known_criterion),
-    "allocation": PlanOption((str,), "'uniform' or 'global'", _known_allocation),
+    "allocation": PlanOption((str,), "'uniform', 'global' or 'latency'", _known_allocation),
     "min_keep": PlanOption(_NUMBER, "a number in [0, 1]", lambda v: 0.0 <= v <= 1.0),
     "round_to": PlanOption((int,), "an integer ≥ 1", lambda v: v >= 1),
     "flops_target": PlanOption(_NUMBER, "null or a number in (0, 1]", lambda v: 0.0 < v <= 1.0, nullable=True),
     "seed": PlanOption((int,), "an integer ≥ 0", lambda v: v >= 0),
     "allow_inexact": PlanOption((bool,), "true or false"),
+    # low-rank factorization and folding (spa.factorize, spa.passes.lowrank_step, spa.passes.fold)
+    "params_target": PlanOption(_NUMBER, "null or a number in (0, 1]", lambda v: 0.0 < v <= 1.0, nullable=True),
+    "lowrank": PlanOption((str,), "'none', 'energy' or 'auto'", lambda v: v in ("none", "energy", "auto")),
+    "lowrank_energy": PlanOption(_NUMBER, "a number in (0, 1]", lambda v: 0.0 < v <= 1.0),
+    "lowrank_ranks": PlanOption((dict,), "null or an object of weight name → rank ≥ 1", lambda v: _ranks(v), nullable=True),
+    "fold": PlanOption((bool,), "true or false"),
+    # latency-aware allocation (spa.latency_target)
+    "latency_target": PlanOption(_NUMBER, "null or a number of ms > 0", lambda v: v > 0, nullable=True),
 }
 
 #: Names of :data:`PLAN_OPTIONS` (what ``PruneOptions.plan_options`` records).

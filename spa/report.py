@@ -49,6 +49,15 @@ class Report:
     #: --compensate: what was repaired where, predicted errors per group, and the measured
     #: output error against the original before (plain pruning) and after compensation.
     compensation: dict[str, Any] | None = None
+    #: --fold: nodes each folding pass removed, and the ORT check of the folded model.
+    fold: dict[str, Any] | None = None
+    #: --lowrank: per layer the action, rank, FLOPs and relative output error; the full-rank
+    #: oracle and the model's output error against the original.
+    lowrank: dict[str, Any] | None = None
+    #: --target: the module built (path, target, compile/tuning time), its check against ORT,
+    #: and TVM vs ORT latency of the pruned model side by side with the faster one named; or
+    #: the error when compiling failed (the ONNX is still written; the CLI exits 3).
+    target: dict[str, Any] | None = None
 
     @property
     def speedup(self) -> float | None:

@@ -243,7 +243,7 @@ def test_bad_ratio(demo: pathlib.Path, ratio: str) -> None:
     "args",
     [
         ["--criterion", "nonsense"],
-        ["--criterion", "taylor"],
+        ["--criterion", "taylor", "--calibration", "missing.npz"],
         ["--input-shape", "bad"],
         ["--flops-target", "0"],
         ["--round-to", "0"],

@@ -95,10 +95,10 @@ def test_timing_covers_a_failing_step() -> None:
 
 def test_default_pipeline_order_is_the_documented_one() -> None:
     names = [s.name for s in default_steps(mode="prune")]
-    assert names == ["load", "canonicalize", "analyze", "statistics", "score", "allocate", "plan", "snapshot",
-                     "check-upgrade", "compensate", "prune", "measure", "check", "oracle", "error", "benchmark",
+    assert names == ["load", "canonicalize", "analyze", "statistics", "gradients", "score", "allocate", "plan", "snapshot",
+                     "check-upgrade", "compensate", "prune", "measure", "check", "oracle", "error", "fold", "lowrank", "benchmark", "compile",
                      "restore-opset", "report", "save"]
-    assert [s.name for s in default_steps(mode="plan")] == names[:7]
+    assert [s.name for s in default_steps(mode="plan")] == names[:8]
     assert "check-plan" in [s.name for s in default_steps(mode="apply")]
 
 

@@ -95,7 +95,7 @@ def test_plan_options_are_the_prune_options_a_plan_records() -> None:
         ("options.ratio", "0.5", "options.ratio must be a number in [0, 1)"),
         ("options.ratio", True, "options.ratio must be a number in [0, 1)"),
         ("options.criterion", "magic", "options.criterion must be a known criterion name"),
-        ("options.allocation", "greedy", "options.allocation must be 'uniform' or 'global'"),
+        ("options.allocation", "greedy", "options.allocation must be 'uniform', 'global' or 'latency'"),
         ("options.min_keep", -0.1, "options.min_keep must be a number in [0, 1]"),
         ("options.round_to", 0, "options.round_to must be an integer ≥ 1"),
         ("options.round_to", 2.0, "options.round_to must be an integer ≥ 1"),

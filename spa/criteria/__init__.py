@@ -8,5 +8,6 @@ from __future__ import annotations
 
 from spa.criteria.base import CRITERIA, Criterion, CriterionInputs, get_criterion, score_groups
 from spa.criteria import bn, fpgm, magnitude, rand, statistics  # noqa: F401  (registration)
+from spa.criteria import gradient  # noqa: F401  (registration: taylor, hessian, snip, grasp, crop)
 
 __all__ = ["CRITERIA", "Criterion", "CriterionInputs", "get_criterion", "score_groups"]

@@ -29,8 +29,10 @@ __all__ = ["Criterion", "CriterionInputs", "CRITERIA", "register_criterion", "ge
 class CriterionInputs:
     """What a criterion may read. ``weight(name)`` returns an initializer as numpy.
 
-    ``gradients``/``activations`` are for later criteria (keyed by tensor name); ``seed``
-    makes random criteria reproducible.
+    ``gradients`` (keyed by initializer name; the pipeline's ``gradients`` step) holds, for
+    each weight a gradient criterion scores, the per-weight quantity that criterion declares
+    (``spa.criteria.gradient``: the mean gradient g, the Fisher diagonal, or Hg);
+    ``activations`` are for later criteria; ``seed`` makes random criteria reproducible.
     """
 
     weight: Callable[[str], np.ndarray]
@@ -53,12 +55,23 @@ class Criterion(abc.ABC):
     def local_scores(self, weight: np.ndarray, axis: int, role: Role, name: str, inputs: CriterionInputs) -> np.ndarray:
         """Score of every index along ``axis`` of one weight (length ``weight.shape[axis]``)."""
 
+    def covers(self, name: str, inputs: CriterionInputs) -> bool:
+        """Whether weight ``name`` takes part in the aggregation (gradient criteria: only the
+        weights that have a gradient; BatchNorm running statistics have none)."""
+        return True
+
+    def normalizer(self, score: np.ndarray) -> float:
+        """What a group's scores are divided by (the mean, Torch-Pruning's default)."""
+        return float(score.mean()) if score.size else 0.0
+
     def group_scores(self, group: Group, inputs: CriterionInputs, group_index: int) -> np.ndarray:
         """Per-unit scores of a group, normalised to mean 1 over the group's units."""
         total = np.zeros(group.n_units)
         members = np.zeros(group.n_units)
         for dim, roles in group.roles.items():
             role = roles[0]
+            if not self.covers(dim.value, inputs):
+                continue
             w = inputs.weight(dim.value)
             if w.ndim == 0:
                 continue
@@ -67,7 +80,7 @@ class Criterion(abc.ABC):
             total += np.bincount(units, weights=local, minlength=group.n_units)
             members[np.unique(units)] += 1
         score = np.divide(total, members, out=np.zeros_like(total), where=members > 0)
-        mean = score.mean() if score.size else 0.0
+        mean = self.normalizer(score)
         return score / mean if mean > 0 else score
 
     def score_all(self, groups: list[Group], inputs: CriterionInputs) -> dict[str, np.ndarray]:
