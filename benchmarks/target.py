@@ -153,16 +153,17 @@ def part_latency(args, folder: pathlib.Path) -> None:
                 r.save(out)
                 got = verify.run(verify.session(out), feeds)[0]
                 err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
-                made.append((f"{allocation} @ {frac:.1f}×", out, r.report.options["latency_allocation"]["predicted_ms_after"], err, r.report.flops_ratio))
+                la = r.report.options["latency_allocation"]
+                made.append((f"{allocation} @ {frac:.1f}×", out, f"{la['predicted_ms_after']:.3f} / {la['measured_ms_after']:.3f} ({len(la['rounds'])})", err, r.report.flops_ratio))
         sessions = [verify.session(original)] + [verify.session(m[1]) for m in made]
         for sess in sessions:
             sess.run(None, dict(feeds))
         m = verify.time_side_by_side([lambda s=s: s.run(None, dict(feeds)) for s in sessions], budget_s=args.budget)
         rows = [["original", "", f"{m.median_ms[0]:.3f}", "1.000", "0"]]
         for (label, _, pred, err, flops), med in zip(made, m.median_ms[1:]):
-            rows.append([label, f"{pred:.3f}", f"{med:.3f}", f"{flops:.3f}", f"{err:.4f}"])
+            rows.append([label, pred, f"{med:.3f}", f"{flops:.3f}", f"{err:.4f}"])
         print(f"\nlatency-aware allocation, {name} (ORT; table measured once: base {base:.3f} ms)")
-        print(table(["allocation @ target", "predicted ms", "measured ms", "FLOPs ratio", "rel. output error"], rows))
+        print(table(["allocation @ target", "search: predicted / measured ms (rounds)", "measured ms, side by side", "FLOPs ratio", "rel. output error"], rows))
 
 
 def main() -> int:

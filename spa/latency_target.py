@@ -49,6 +49,22 @@ class LatencyModel:
                 "table_s": round(self.build_s, 2), "table": str(self.table.cache) if self.table.cache else None}
 
 
+def _runner(s: Any, runtime: str, path: pathlib.Path, feeds) -> Callable[[], Any]:
+    """One warmed-up run of the model file on the runtime."""
+    from spa import verify
+
+    if runtime == "onnxruntime":
+        sess = verify.session(path)
+        sess.run(None, dict(feeds))
+        return lambda: sess.run(None, dict(feeds))
+    from spa.kernels.build import build
+    from spa.kernels.runtime import from_built
+
+    once = from_built(build(path, s.emit_options.target, feeds)).timer(feeds)
+    once()
+    return once
+
+
 def _whole_model_ms(s: Any, runtime: str) -> float:
     """The input model's median latency on the runtime (fixed seeded inputs)."""
     from spa import io, verify
@@ -56,17 +72,29 @@ def _whole_model_ms(s: Any, runtime: str) -> float:
 
     path = s.scratch("latency-base")
     io.save_model(s.model, path, durable=False)
-    feeds = feeds_for(s.model, s.options)
-    if runtime == "onnxruntime":
-        sess = verify.session(path)
-        sess.run(None, dict(feeds))
-        return verify.time_side_by_side([lambda: sess.run(None, dict(feeds))], budget_s=2.0).median_ms[0]
-    from spa.kernels.build import build
-    from spa.kernels.runtime import from_built
+    return verify.time_side_by_side([_runner(s, runtime, path, feeds_for(s.model, s.options))], budget_s=2.0).median_ms[0]
 
-    once = from_built(build(path, s.emit_options.target, feeds)).timer(feeds)
-    once()
-    return verify.time_side_by_side([once], budget_s=2.0).median_ms[0]
+
+def measure_removed(s: Any, model: LatencyModel, removed) -> float:
+    """The latency a removal really gives: the pruned copy and the input timed side by side,
+    their ratio applied to the input's cached latency (so machine noise between the two
+    measurements cancels)."""
+    import onnx_ir as ir
+
+    from spa import io, verify
+    from spa.passes.emit import feeds_for
+    from spa.passes.prune import PrunePass
+    from spa.planning import build_plan
+
+    pruned = ir.from_proto(ir.to_proto(s.model))
+    PrunePass(build_plan(s.model, s.analysis.channels, removed))(pruned)
+    feeds = feeds_for(s.model, s.options)
+    base_path, path = s.scratch("latency-base"), s.scratch("latency-candidate")
+    if not base_path.exists():
+        io.save_model(s.model, base_path, durable=False)
+    io.save_model(pruned, path, durable=False)
+    m = verify.time_side_by_side([_runner(s, model.runtime, base_path, feeds), _runner(s, model.runtime, path, feeds)], budget_s=2.0)
+    return model.base_ms * m.median_ms[1] / m.median_ms[0]
 
 
 def prepare(s: Any) -> LatencyModel:

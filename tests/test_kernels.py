@@ -352,6 +352,9 @@ def test_latency_target_is_met_as_predicted_and_the_table_is_reused(tmp_path: pa
         la = r.report.options["latency_allocation"]
         assert la["shapes_measured_now"] == 0  # every layer shape came from the cache
         assert la["predicted_ms_after"] <= base * 0.8 and r.report.flops_ratio < 1.0
+        # the choice was measured (side by side with the input, in ORT) and searched again while above target
+        assert 1 <= len(la["rounds"]) <= 3 and la["measured_ms_after"] in [x["measured_ms"] for x in la["rounds"]]
+        assert all(x["measured_ms"] > base * 0.8 * 1.02 for x in la["rounds"][:-1])
         assert r.report.oracle["max_abs_diff"] <= 1e-4
         assert r.plan.options["latency_target"] == pytest.approx(base * 0.8)
     with pytest.raises(UsageError, match="out of reach"):
