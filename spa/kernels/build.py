@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from spa.kernels.errors import CompileError
+from spa.kernels.errors import CompileError, first_line
 from spa.kernels.target import TargetSpec
 
 __all__ = ["Signature", "Built", "import_onnx", "build", "export", "check_against_ort", "TOLERANCE"]
@@ -61,15 +61,6 @@ class Built:
     cuda_check: dict[str, Any] | None = None
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith(("File ", "Traceback")):
-            return line
-    return type(e).__name__
-
-
 def _unsupported_ops(model: onnx.ModelProto) -> list[str]:
     """Ops of the model that the Relax ONNX frontend has no converter for."""
     try:
@@ -100,7 +91,7 @@ def import_onnx(model: ir.Model | onnx.ModelProto, feeds: Mapping[str, np.ndarra
     try:
         mod = from_onnx(proto, shape_dict=shapes, dtype_dict={k: str(v.dtype) for k, v in feeds.items()}, opset=opset)
     except Exception as e:  # noqa: BLE001 - the frontend raises many types; the op is in the text
-        raise CompileError(f"TVM cannot import the model: {_first_line(e)}") from None
+        raise CompileError(f"TVM cannot import the model: {first_line(e)}") from None
     names = [v.name for v in static.graph.inputs if v.name in feeds]
     signature = Signature([(n, list(feeds[n].shape), str(feeds[n].dtype)) for n in names], [v.name for v in static.graph.outputs])
     return mod, signature
@@ -137,7 +128,7 @@ def build(
     except CompileError:
         raise
     except Exception as e:  # noqa: BLE001 - a TVM build failure: the op is in the message
-        raise CompileError(f"TVM cannot build the model for {target.text}: {_first_line(e)}") from None
+        raise CompileError(f"TVM cannot build the model for {target.text}: {first_line(e)}") from None
     built = Built(executable, signature, target, time.perf_counter() - start, info)
     if target.kind == "cuda":
         built.cuda_check = check_cuda_source(built)
@@ -175,7 +166,7 @@ def check_cuda_source(built: Built) -> dict[str, Any]:
         with built.target.tvm():
             fatbin = nvcc.compile_cuda(source, target_format="fatbin", compiler="nvcc", arch=arch)
     except Exception as e:  # noqa: BLE001 - nvcc's diagnostics are in the message
-        raise CompileError(f"nvcc cannot compile the generated CUDA code for {arch}: {_first_line(e)}") from None
+        raise CompileError(f"nvcc cannot compile the generated CUDA code for {arch}: {first_line(e)}") from None
     return {"compiled": True, "arch": arch, "fatbin_bytes": len(fatbin), "nvcc_s": round(time.perf_counter() - started, 2),
             "kernels": source.count("__global__")}
 
@@ -211,7 +202,7 @@ def export(built: Built, path: str | os.PathLike) -> pathlib.Path:
         tmp.unlink(missing_ok=True)
         sidecar(path).unlink(missing_ok=True)
         if isinstance(e, Exception) and not isinstance(e, OSError):
-            raise CompileError(f"cannot export the module for {built.target.text}: {_first_line(e)}") from None
+            raise CompileError(f"cannot export the module for {built.target.text}: {first_line(e)}") from None
         raise
     return path
 

@@ -50,17 +50,15 @@ def _tuning(o: EmitOptions, scratch: pathlib.Path) -> Tuning | None:
 
 def _runnable_here(target: TargetSpec) -> str | None:
     """Why the module can't run on this machine (None: it can)."""
-    import tvm
+    from spa.kernels.runtime import device
 
     if target.cross:
         return f"built for {target.config.get('mtriple')}: it runs on that device, not here"
-    kind = target.kind
-    dev = tvm.cpu(0) if kind == "llvm" else tvm.device(kind, 0)
     try:
-        present = dev.exist
+        present = device(target.kind).exist
     except Exception:  # noqa: BLE001 - no runtime for that kind compiled in
         present = False
-    return None if present else f"no {kind} device on this machine (the module is built; run it where there is one)"
+    return None if present else f"no {target.kind} device on this machine (the module is built; run it where there is one)"
 
 
 def compile_onnx(

@@ -4,9 +4,19 @@ from __future__ import annotations
 
 from spa.errors import SpaError, UnsupportedError, UsageError
 
-__all__ = ["TVMMissingError", "CompileError", "RPCError", "TuningDatabaseError"]
+__all__ = ["TVMMissingError", "CompileError", "RPCError", "TuningDatabaseError", "first_line"]
 
 INSTALL_HINT = 'pip install "spa[tvm]"  (apache-tvm 0.27 with apache-tvm-ffi 0.1.14.post1)'
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's text that is not traceback (TVM's FFI errors carry
+    their C++ stack above the message), or its type's name."""
+    for line in str(e).strip().splitlines():
+        line = line.strip()
+        if line and not line.startswith(("File ", "Traceback")):
+            return line
+    return type(e).__name__
 
 
 class TVMMissingError(UnsupportedError):

@@ -13,7 +13,7 @@ import socket
 from typing import Any
 
 from spa.errors import UsageError
-from spa.kernels.errors import RPCError
+from spa.kernels.errors import RPCError, first_line
 
 __all__ = ["Remote", "parse_tracker"]
 
@@ -59,7 +59,7 @@ class Remote:
         try:
             summary = rpc.connect_tracker(self.host, self.port).summary()
         except Exception as e:  # noqa: BLE001 - not a tracker on that port
-            raise RPCError(f"{self.where} does not answer as a TVM tracker ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+            raise RPCError(f"{self.where} does not answer as a TVM tracker ({first_line(e)})") from None
         queue = summary.get("queue_info", {})
         info = queue.get(self.key)
         if not info or info.get("free", 0) < 1:
@@ -73,7 +73,7 @@ class Remote:
         try:
             return rpc.connect_tracker(self.host, self.port).request(self.key, priority=1, session_timeout=self.session_timeout_s, max_retry=2)
         except Exception as e:  # noqa: BLE001
-            raise RPCError(f"{self.where}: could not get a device with key '{self.key}' ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+            raise RPCError(f"{self.where}: could not get a device with key '{self.key}' ({first_line(e)})") from None
 
     def runner(self):
         """MetaSchedule's runner measuring on the tracker's devices."""

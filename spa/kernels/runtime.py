@@ -17,7 +17,7 @@ import numpy as np
 
 from spa.errors import InvalidModelError, UsageError
 from spa.kernels.build import Signature, sidecar
-from spa.kernels.errors import CompileError
+from spa.kernels.errors import CompileError, first_line
 
 __all__ = ["CompiledModel", "load", "from_built"]
 
@@ -35,7 +35,8 @@ def _flatten(out: Any) -> list[np.ndarray]:
     return [np.asarray(out)]
 
 
-def _device(kind: str, remote: Any = None):
+def device(kind: str, remote: Any = None):
+    """Device 0 of the target kind, here or on an RPC session."""
     import tvm
 
     dev = remote if remote is not None else tvm
@@ -55,7 +56,7 @@ class CompiledModel:
 
         self.signature = signature
         self.kind = kind
-        self.device = _device(kind, remote)
+        self.device = device(kind, remote)
         if not self.device.exist:
             raise CompileError(f"no {kind} device here to run the module on")
         self._vm = relax.VirtualMachine(module, self.device)
@@ -131,9 +132,7 @@ def load(path: str | os.PathLike, *, remote: Any = None) -> CompiledModel:
         else:
             module = tvm.runtime.load_module(str(path))
     except Exception as e:  # noqa: BLE001
-        from spa.kernels.build import _first_line
-
-        raise CompileError(f"{path}: cannot load the module here: {_first_line(e)}") from None
+        raise CompileError(f"{path}: cannot load the module here: {first_line(e)}") from None
     return CompiledModel(module, signature, kind, remote=remote)
 
 

@@ -164,8 +164,9 @@ def _validate(spec: TargetSpec) -> None:
     try:
         spec.tvm()
     except Exception as e:  # noqa: BLE001 - TVM's message names the bad kind or key
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"--target {spec.text!r}: TVM does not accept it: {first}") from None
+        from spa.kernels.errors import first_line
+
+        raise UsageError(f"--target {spec.text!r}: TVM does not accept it: {first_line(e)}") from None
 
 
 def vector_width(spec: TargetSpec) -> int:

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from spa.kernels.errors import TuningDatabaseError
+from spa.kernels.errors import TuningDatabaseError, first_line
 
 __all__ = ["Tuning", "tune_and_build", "open_database"]
 
@@ -64,7 +64,7 @@ def open_database(folder: str | os.PathLike):
     try:
         return ms.database.JSONDatabase(work_dir=str(folder))
     except Exception as e:  # noqa: BLE001 - a corrupt record file
-        raise TuningDatabaseError(f"--tuning-db {folder}: cannot read its records ({str(e).splitlines()[-1]})") from None
+        raise TuningDatabaseError(f"--tuning-db {folder}: cannot read its records ({first_line(e)})") from None
 
 
 def _lower(mod, tgt):
