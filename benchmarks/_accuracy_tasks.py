@@ -402,24 +402,15 @@ def _minilm_dir() -> pathlib.Path:
 def _export_minilm(model_dir: pathlib.Path, tok, path: pathlib.Path) -> None:
     import onnx
     import torch
-    from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(str(model_dir)).eval()
-
-    class Encoder(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, input_ids, attention_mask):
-            return self.m(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    encoder = _common.minilm_encoder(model_dir)
 
     ex = tok(["an example sentence to trace the model"], padding="max_length", max_length=MINILM_SEQ, return_tensors="pt")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.onnx")
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(Encoder(model).eval(), (ex["input_ids"], ex["attention_mask"]), str(tmp), dynamo=False,
+        torch.onnx.export(encoder, (ex["input_ids"], ex["attention_mask"]), str(tmp), dynamo=False,
                           opset_version=17, input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"])
     onnx.save(onnx.load(str(tmp)), str(path))  # one self-contained file
     for f in tmp.parent.glob(tmp.name + "*"):

@@ -226,3 +226,20 @@ def ctc_decode(probs: np.ndarray, chars: list[str]) -> list[str]:
         keep &= seq != 0
         texts.append("".join(chars[i] for i in seq[keep]))
     return texts
+
+
+def minilm_encoder(model_dir):
+    """The sentence transformer at ``model_dir`` as a module (input_ids, attention_mask) →
+    last_hidden_state: what the MiniLM benchmarks export to ONNX."""
+    import torch
+    from transformers import AutoModel
+
+    class Encoder(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    return Encoder(AutoModel.from_pretrained(str(model_dir)).eval()).eval()

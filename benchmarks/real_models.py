@@ -80,7 +80,8 @@ import zipfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from _common import spa_failure, spa_figures  # noqa: E402 (benchmarks/ is sys.path[0])
+import _common  # noqa: E402 (benchmarks/ is sys.path[0])
+from _common import spa_failure, spa_figures  # noqa: E402
 from _common import ctc_decode as _ctc_decode, edit_distance as _edit_distance, load_font as _font, render_line, resize_norm as _resize_norm  # noqa: E402
 
 import numpy as np
@@ -567,19 +568,8 @@ def _export_minilm(model_dir: pathlib.Path, tok, exports: dict[str, pathlib.Path
     if not todo:
         return {}
     import torch
-    from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(str(model_dir)).eval()
-
-    class Encoder(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, input_ids, attention_mask):
-            return self.m(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-    enc = Encoder(model).eval()
+    enc = _common.minilm_encoder(model_dir)
     ex = tok(["an example sentence to trace the model"], padding="max_length", max_length=SEQ, return_tensors="pt")
     args = (ex["input_ids"], ex["attention_mask"])
     names = dict(input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"])

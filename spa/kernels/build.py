@@ -152,7 +152,6 @@ def check_cuda_source(built: Built) -> dict[str, Any]:
     the source and compiles it where it is loaded)."""
     import shutil
 
-    import tvm
     from tvm.support import nvcc
 
     source = _cuda_source(built.executable)
