@@ -16,11 +16,14 @@ Loading
     (the graph, the opset imports, the model-local functions …). Protobuf writes fields in
     field-number order (graph=7, opset_import=8, metadata_props=14, functions=25), so a
     surviving truncation always loses a *suffix* of that list. The structural checks below
-    (a graph is present and non-empty, every used domain has an opset import, every domain is
-    known or defined by a local function) refuse all of those cases without running the full
-    ONNX checker, which would parse the file a second time and double peak memory on
-    models with inline weights (measured: +0.15 s and ~2x the file size in RSS for a 96 MiB
-    model). External data files are checked for existence, type and size, not read.
+    (a graph is present and non-empty, every used domain has an opset import) refuse those
+    cases without running the full ONNX checker, which would parse the file a second time and
+    double peak memory on models with inline weights (measured: +0.15 s and ~2x the file size
+    in RSS for a 96 MiB model). One cut cannot be told from a valid model: losing only the
+    local functions leaves their calls looking like a vendor's custom ops, which load (their
+    channels are frozen) and which ONNX Runtime cannot run, so the default ``--verify full``
+    refuses them (:func:`foreign_ops`). External data files are checked for existence, type
+    and size, not read.
 
 Saving
     Writes are atomic: the model (and its ``<name>.data`` external-data file, when there is
@@ -49,6 +52,7 @@ import onnx_ir as ir
 
 from spa.errors import InvalidModelError, OutputError, SpaError, UnsupportedError
 from spa import safety
+from spa.graph import all_nodes, gc_paused, has_subgraphs
 from spa.passes import upgrade_opset
 
 __all__ = [
@@ -61,6 +65,7 @@ __all__ = [
     "model_sha256",
     "default_output_path",
     "check_model_structure",
+    "foreign_ops",
 ]
 
 logger = logging.getLogger(__name__)
@@ -74,7 +79,8 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 #: Default-domain opset versions spa's channel rules are written and tested for.
 SUPPORTED_OPSETS = range(11, 24)
 
-#: Operator domains spa understands. "ai.onnx" is an alias of the default domain "".
+#: Operator domains spa understands and ONNX Runtime implements. "ai.onnx" is an alias of the
+#: default domain "". Other domains (custom ops) load; see :func:`foreign_ops`.
 KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
 
 #: Total initializer size from which weights go to an external data file. Below protobuf's
@@ -114,6 +120,11 @@ def load_model(source: str | os.PathLike[str] | onnx.ModelProto | ir.Model, *, m
         UnsupportedError: a valid model spa cannot handle (opset outside
             ``SUPPORTED_OPSETS``, node in an unknown domain, more memory than ``max_memory``).
     """
+    with gc_paused():
+        return _load(source, max_memory)
+
+
+def _load(source: str | os.PathLike[str] | onnx.ModelProto | ir.Model, max_memory: int | None) -> ir.Model:
     if isinstance(source, ir.Model):
         check_model_structure(source, where="model", allow_upgrade=True)
         return _upgraded(source, "model")
@@ -126,7 +137,8 @@ def load_model(source: str | os.PathLike[str] | onnx.ModelProto | ir.Model, *, m
             model = ir.from_proto(source)
         except Exception as exc:  # foreign input: any failure to convert means "invalid"
             raise InvalidModelError(f"ModelProto: cannot convert ({_root_cause(exc)})") from exc
-        check_model_structure(model, where="ModelProto", allow_upgrade=True)
+        # Its tensors were checked on the proto (sizes, external data): not again on the IR.
+        check_model_structure(model, where="ModelProto", allow_upgrade=True, tensors=False)
         safety.check_ops(source, order, where="ModelProto", max_memory=limit)
         return _upgraded(model, "ModelProto")
     if isinstance(source, (str, os.PathLike)):
@@ -156,15 +168,19 @@ def _load_path(path: str, max_memory: int) -> ir.Model:
         ) from exc
     base_dir = os.path.dirname(abs_path)
     order = safety.check_proto(proto, where=path, base_dir=base_dir)
+    external = safety.has_external_data(proto)
     try:
         model = ir.from_proto(proto)
     except Exception as exc:  # onnx-ir refuses what the checks above let through
         raise InvalidModelError(f"{path}: not a valid ONNX model ({_root_cause(exc)})") from exc
-    ir.external_data.set_base_dir(model.graph, base_dir)
-    check_model_structure(model, where=path, allow_upgrade=True)
+    if external:  # a walk over every node's attributes: only where there is something to set
+        ir.external_data.set_base_dir(model.graph, base_dir)
+    # The tensors (payload sizes, external data paths, offsets and lengths) were checked on the
+    # proto by check_proto: the IR holds the same tensors, so they are not walked a second time.
+    check_model_structure(model, where=path, allow_upgrade=True, tensors=False)
     safety.check_ops(proto, order, where=path, max_memory=max_memory)
     del proto
-    _remember_data_files(abs_path, model)
+    _remember_data_files(abs_path, model if external else None)
     model = _upgraded(model, path)
     logger.debug("loaded %s: %d nodes, %d initializers", path, len(model.graph),
                  len(model.graph.initializers))
@@ -200,18 +216,23 @@ def _check_input_file(path: str) -> None:
         raise InvalidModelError(f"{path}: empty file")
 
 
-def check_model_structure(model: ir.Model, *, where: str = "model", allow_upgrade: bool = False) -> None:
+def check_model_structure(model: ir.Model, *, where: str = "model", allow_upgrade: bool = False,
+                          tensors: bool = True) -> None:
     """Refuse a model that is empty, truncated, or outside what spa supports.
 
     Cheap on purpose (no second parse, no weight reads): it is what catches a truncated
     protobuf that parsed at a field boundary, see the module docstring.
 
     Raises:
-        InvalidModelError: no graph / empty graph, a used domain without an opset import,
+        InvalidModelError: no graph / empty graph, a used domain without an opset import
+            (a node in any other domain is fine: see :func:`foreign_ops`),
             an external data file that is missing, escapes the model folder or is too short.
         UnsupportedError: default-domain opset outside ``SUPPORTED_OPSETS`` (and, with
             ``allow_upgrade``, outside ``upgrade_opset.UPGRADABLE_OPSETS``: the caller
-            upgrades those) or a node in an unknown domain.
+            upgrades those).
+
+    ``tensors=False`` skips the tensor checks (payload sizes, external data): for a model
+    just built from a proto that :func:`spa.safety.check_proto` checked.
     """
     graph = model.graph
     if graph is None or (len(graph) == 0 and len(graph.outputs) == 0):
@@ -220,15 +241,12 @@ def check_model_structure(model: ir.Model, *, where: str = "model", allow_upgrad
 
     opsets = dict(model.opset_imports)
     function_domains = {f.domain for f in model.functions.values()}
-    used: set[str] = set()
-    for node in _all_nodes(model):
-        used.add(node.domain)
+    used = {node.domain for node in _all_nodes(model)}
 
     default_version = _default_opset(opsets)
     for domain in sorted(used):
-        if domain not in KNOWN_DOMAINS and domain not in function_domains:
-            raise UnsupportedError(f"{where}: operator domain {domain!r} is not supported "
-                                   f"(known: {', '.join(repr(d) for d in sorted(KNOWN_DOMAINS))})")
+        # A domain spa does not know (a vendor's custom ops) is fine: its nodes have no channel
+        # rule, so the analysis freezes their channels and says which op did it.
         if domain in _DEFAULT_DOMAINS:
             if default_version is None:
                 raise InvalidModelError(f"{where}: no opset_import for the default ONNX domain "
@@ -245,7 +263,23 @@ def check_model_structure(model: ir.Model, *, where: str = "model", allow_upgrad
             f"(supported: {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}; "
             f"{upgradable.start}..{upgradable.stop - 1} are upgraded when loaded)")
 
-    _check_tensors(model, where)
+    if tensors:
+        _check_tensors(model, where)
+
+
+def foreign_ops(model: ir.Model) -> list[str]:
+    """``"domain::op_type ×n"`` for the nodes (bodies too) in a domain that neither spa nor ONNX
+    Runtime knows (:data:`KNOWN_DOMAINS`) and no model-local function defines: a vendor's
+    custom ops. They load and analyse (no channel rule: their channels are frozen), but ONNX
+    Runtime has no kernel for them (spa registers no custom-op library), so nothing that runs
+    the model in ORT (the oracle, the latency benchmark) can run. Sorted; empty when none."""
+    local = {(f.domain, f.name) for f in model.functions.values()}
+    counts: dict[str, int] = {}
+    for node in all_nodes(model.graph):
+        if node.domain not in KNOWN_DOMAINS and (node.domain, node.op_type) not in local:
+            key = f"{node.domain}::{node.op_type}"
+            counts[key] = counts.get(key, 0) + 1
+    return [k if n == 1 else f"{k} ×{n}" for k, n in sorted(counts.items())]
 
 
 def _default_opset(opsets: dict[str, int]) -> int | None:
@@ -257,14 +291,14 @@ def _default_opset(opsets: dict[str, int]) -> int | None:
 
 def _all_nodes(model: ir.Model) -> Iterator[ir.Node]:
     """Nodes of the main graph, its subgraphs (If/Loop/Scan) and model-local functions."""
-    yield from model.graph.all_nodes()
+    yield from all_nodes(model.graph)
     for function in model.functions.values():
         yield from ir.traversal.RecursiveGraphIterator(function)
 
 
 def _all_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
     """Initializers of every graph plus tensor-valued attributes (Constant values …)."""
-    for graph in model.graphs():
+    for graph in _graphs(model):
         for value in graph.initializers.values():
             if value.const_value is not None:
                 yield value.const_value
@@ -548,12 +582,14 @@ def _same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
 _DATA_FILES: dict[str, tuple[tuple[int, int], frozenset[str]]] = {}
 
 
-def _remember_data_files(abs_path: str, model: ir.Model) -> None:
+def _remember_data_files(abs_path: str, model: ir.Model | None) -> None:
+    """``model``: the loaded model, None when it has no external data (nothing to walk)."""
     try:
         st = os.stat(abs_path)
     except OSError:
         return
-    _DATA_FILES[os.path.realpath(abs_path)] = ((st.st_mtime_ns, st.st_size), frozenset(_external_files(model)))
+    files = frozenset(_external_files(model)) if model is not None else frozenset()
+    _DATA_FILES[os.path.realpath(abs_path)] = ((st.st_mtime_ns, st.st_size), files)
 
 
 def _source_data_files(source_path: str | os.PathLike[str], *, parse: bool = True) -> set[str]:
@@ -584,8 +620,14 @@ def _source_data_files(source_path: str | os.PathLike[str], *, parse: bool = Tru
     return files
 
 
+def _graphs(model: ir.Model) -> list[ir.Graph]:
+    """``model.graphs()`` (main graph, then bodies), without the recursive walk where no node
+    holds a body."""
+    return list(model.graphs()) if has_subgraphs(model.graph) else [model.graph]
+
+
 def _initializer_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
-    for graph in model.graphs():
+    for graph in _graphs(model):
         for value in graph.initializers.values():
             if value.const_value is not None:
                 yield value.const_value

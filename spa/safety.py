@@ -133,15 +133,26 @@ def check_proto(model: onnx.ModelProto, *, where: str, base_dir: str | None) -> 
     return order
 
 
+def has_external_data(model: onnx.ModelProto) -> bool:
+    """Whether any tensor of the model (initializers, attribute tensors, in every graph and
+    function) is stored externally."""
+    external = TensorProto.EXTERNAL
+    for graph, _ in _graphs(model):
+        if any(t.data_location == external for t, _ in _graph_tensors(graph)):
+            return True
+    return any(t.data_location == external for f in model.functions for n in _function_nodes(f) for t, _ in _attr_tensors(n))
+
+
 def check_ops(model: onnx.ModelProto, order: list[int], *, where: str, max_memory: int | None) -> None:
     """Checks 4-5 (node schemas, Conv weights, shape inference, memory), once the domains and
     opsets are known to be ones spa handles. ``max_memory`` in bytes (None: not checked)."""
     _check_nodes(model, list(_graphs(model)), where)
     values = _inferred_values(model, order, where)
-    _check_empty_values(values, where)
-    _check_conv_inputs(model.graph, values, where)
+    dims = {id(v): _static_dims(v) for v in values}  # read once: three checks below need them
+    _check_empty_values(values, where, dims)
+    _check_conv_inputs(model.graph, values, where, dims)
     if max_memory is not None:
-        check_memory(model, values, where=where, max_memory=max_memory)
+        check_memory(model, values, where=where, max_memory=max_memory, dims=dims)
 
 
 # --------------------------------------------------------------------------------------------
@@ -733,14 +744,16 @@ def human_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def check_memory(model: onnx.ModelProto, values: list[onnx.ValueInfoProto], *, where: str, max_memory: int) -> None:
+def check_memory(model: onnx.ModelProto, values: list[onnx.ValueInfoProto], *, where: str, max_memory: int,
+                 dims: dict[int, list[int] | None] | None = None) -> None:
     """Refuse a model whose declared tensors need more than ``max_memory`` bytes.
 
     Counted: every initializer (it is read to be scored or sliced), every graph input with a
     static shape (spa feeds it random data), and the largest value whose shape is static after
     onnx's shape inference with data propagation on a copy of the graph without the weights
     (nothing is evaluated). A single declared dimension product is a Python int, so 2^40 × 2^40
-    is a number, never an allocation.
+    is a number, never an allocation. ``dims``: ``id(value)`` → its static dims, where the
+    caller has read them already.
     """
     graph = model.graph
     weights = sum(_tensor_bytes(t) for t in graph.initializer)
@@ -754,7 +767,7 @@ def check_memory(model: onnx.ModelProto, values: list[onnx.ValueInfoProto], *, w
             if size > best[0]:
                 best = (size, v)
     for v in values:
-        size = _value_bytes(v)
+        size = _value_bytes(v, dims[id(v)] if dims is not None else _static_dims(v))
         if size is not None and size > best[0]:
             best = (size, v)
     largest = (best[0], best[1].name if best[1] else "", (_static_dims(best[1]) or []) if best[1] else [],
@@ -789,8 +802,9 @@ def _static_dims(v: onnx.ValueInfoProto) -> list[int] | None:
     return dims
 
 
-def _value_bytes(v: onnx.ValueInfoProto) -> int | None:
-    dims = _static_dims(v)
+def _value_bytes(v: onnx.ValueInfoProto, dims: list[int] | None | bool = False) -> int | None:
+    if dims is False:
+        dims = _static_dims(v)
     elem = v.type.tensor_type.elem_type
     if dims is None or elem in (TensorProto.UNDEFINED, TensorProto.STRING) or elem not in _KNOWN_DTYPES:
         return None
@@ -857,24 +871,25 @@ def _inferred_values(model: onnx.ModelProto, order: list[int], where: str) -> li
     return list(inferred.graph.value_info) + list(inferred.graph.output)
 
 
-def _check_empty_values(values: list[onnx.ValueInfoProto], where: str) -> None:
+def _check_empty_values(values: list[onnx.ValueInfoProto], where: str, known: dict[int, list[int] | None]) -> None:
     """A value of rank ≥ 2 that shape inference makes empty (a stride or kernel larger than
     the image, found by tests/test_fuzz.py): spa's channel analysis and verification need
     non-empty tensors. Empty 1-D values (Resize's unused roi/scales) are common and fine."""
     for v in values:
-        dims = _static_dims(v)
+        dims = known[id(v)]
         if dims and len(dims) >= 2 and 0 in dims:
             raise UnsupportedError(f"{where}: value {v.name!r} is inferred to be empty (shape {dims}); spa analyses "
                                    "and verifies models on non-empty tensors")
 
 
-def _check_conv_inputs(graph: onnx.GraphProto, values: list[onnx.ValueInfoProto], where: str) -> None:
+def _check_conv_inputs(graph: onnx.GraphProto, values: list[onnx.ValueInfoProto], where: str,
+                       known: dict[int, list[int] | None]) -> None:
     """A Conv whose input channels (inferred) are not its weight's in-channels x group."""
     convs = [n for n in graph.node if n.op_type == "Conv" and n.domain in ("", "ai.onnx") and len(n.input) >= 2]
     if not values or not convs:
         return
     wanted = {n.input[0] for n in convs}
-    shapes = {v.name: _static_dims(v) for v in (*graph.input, *values) if v.name in wanted}
+    shapes = {v.name: known[id(v)] if id(v) in known else _static_dims(v) for v in (*graph.input, *values) if v.name in wanted}
     inits = {t.name: t for t in graph.initializer}
     for node in convs:
         w, x = inits.get(node.input[1]), shapes.get(node.input[0])

@@ -225,6 +225,8 @@ def _bad_inputs(tmp: pathlib.Path) -> dict[str, pathlib.Path | str]:
 )
 @pytest.mark.parametrize("command", ["prune", "inspect"])
 def test_bad_input_is_one_line_exit_2(tmp_path: pathlib.Path, case: str, command: str) -> None:
+    if case == "unknown domain" and command == "inspect":
+        pytest.skip("a custom-domain op is frozen, not refused: inspect reads the model (tests/test_hostile.py)")
     path = _bad_inputs(tmp_path)[case]
     args = [command, str(path)] + (["-o", str(tmp_path / "o.onnx")] if command == "prune" else [])
     assert_refused(run(*args))

@@ -31,6 +31,7 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -545,6 +546,11 @@ def _custom_op() -> onnx.ModelProto:
     return m
 
 
+def _custom_no_import(m: onnx.ModelProto) -> None:
+    m.graph.node[1].op_type = "MyOp"
+    m.graph.node[1].domain = "com.vendor"
+
+
 def _custom_op_in_function() -> onnx.ModelProto:
     m = conv_model()
     f = helper.make_function("com.example", "FancyRelu", ["a"], ["b"], [helper.make_node("Relu", ["a"], ["b"])],
@@ -556,6 +562,24 @@ def _custom_op_in_function() -> onnx.ModelProto:
     return m
 
 
+def _vendor_op() -> onnx.ModelProto:
+    """x → Conv → Relu → Conv → com.vendor::MyOp → Conv → y: the first group is prunable, the
+    one through the custom op (which spa has no rule for, ORT no kernel for) is frozen."""
+    inits = [numpy_helper.from_array(f32(8, 3, 3, 3), "W1"), numpy_helper.from_array(f32(8), "B1"),
+             numpy_helper.from_array(f32(6, 8, 3, 3), "W2"), numpy_helper.from_array(f32(4, 6, 1, 1), "W3")]
+    nodes = [
+        helper.make_node("Conv", ["x", "W1", "B1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "W2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+        helper.make_node("MyOp", ["c2"], ["m2"], name="myop", domain="com.vendor", alpha=0.5),
+        helper.make_node("Conv", ["m2", "W3"], ["y"], name="conv3"),
+    ]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.vendor", 1)],
+                             ir_version=8)
+
+
 # --------------------------------------------------------------------------------------------
 # the corpus
 # --------------------------------------------------------------------------------------------
@@ -564,7 +588,8 @@ def _custom_op_in_function() -> onnx.ModelProto:
 @dataclasses.dataclass
 class Case:
     build: Callable[[pathlib.Path], pathlib.Path]
-    #: "refused": exit 2; "either": exit 0 (pruned, written) or 2 (refused with a reason).
+    #: "refused": exit 2; "either": exit 0 (pruned, written) or 2 (refused with a reason);
+    #: "pruned": exit 0 (pruned, written).
     expect: str = "refused"
     #: the message must match this (lower-cased substring), beyond naming the file
     says: str | None = None
@@ -664,6 +689,12 @@ CORPUS: dict[str, Case] = {
     "BN negative variance": Case(proto(_bn_negative_var), says="nan"),
     "custom op": Case(proto(_custom_op), expect="either"),
     "custom op as local function": Case(proto(_custom_op_in_function), expect="either"),
+    # ORT has no kernel for a vendor's op, so the default --verify full cannot run: refused, saying
+    # what to pass instead; --verify check / none prune it (see test_custom_op_prunes_around_it)
+    "custom op, --verify full": Case(proto(_vendor_op), says="custom op com.vendor::myop"),
+    "custom op, --verify check": Case(proto(_vendor_op), expect="pruned", args=("--verify", "check")),
+    "custom op, --verify none": Case(proto(_vendor_op), expect="pruned", args=("--verify", "none")),
+    "custom op without opset import": Case(proto(_m(_custom_no_import)), says="com.vendor"),
     "deep If nesting": Case(proto(lambda: _deep_if(20)), expect="either"),
     "weights as graph inputs": Case(proto(_weights_as_inputs), expect="either"),
     "fp16": Case(proto(lambda: conv_model(dtype=TensorProto.FLOAT16)), expect="either"),
@@ -711,7 +742,7 @@ def test_corpus(worker: Worker, tmp_path: pathlib.Path, name: str) -> None:
     case = CORPUS[name]
     res, model = run_case(worker, tmp_path, case)
     assert res.elapsed < LIMIT_S, f"took {res.elapsed:.1f} s"
-    if case.expect == "refused" or res.rc != 0:
+    if case.expect == "refused" or (res.rc != 0 and case.expect != "pruned"):
         line = assert_one_line_refusal(res, model)
         if case.says:
             assert case.says in line.lower(), line
@@ -791,6 +822,72 @@ def test_unusual_but_valid_models_prune(worker: Worker, tmp_path: pathlib.Path) 
         sub.mkdir()
         res, _ = run_case(worker, sub, CORPUS[name])
         assert res.rc == 0, res.stderr
+
+
+def _as_relu(m: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with com.vendor::MyOp read as a plain Relu, so that ONNX Runtime runs it."""
+    m = onnx.ModelProto.FromString(m.SerializeToString())
+    for node in m.graph.node:
+        if node.domain == "com.vendor":
+            node.domain, node.op_type = "", "Relu"
+            del node.attribute[:]
+    return m
+
+
+def _ort(m: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("verify", ["check", "none"])
+def test_custom_op_prunes_around_it(tmp_path: pathlib.Path, verify: str) -> None:
+    """A vendor's op: the model loads and prunes where it can, the channels through the op stay
+    (NO_RULE, naming it), the report says why nothing ran in ONNX Runtime; and the pruned model
+    is exact: with the op read as Relu in both, it matches the input with the removed channels
+    zeroed (numbers from ONNX Runtime)."""
+    import spa
+    from spa.rules.base import BlockCode, Dim
+
+    original = _vendor_op()
+    d = tmp_path / "case"
+    d.mkdir()
+    path = save(original, d)
+    res = spa.prune(str(path), ratio=0.5, verify=verify)  # the latency benchmark is on by default: skipped
+    assert any("com.vendor::MyOp" in n and "frozen" in n for n in res.report.notes), res.report.notes
+    assert res.report.latency_ms_before is None and res.report.oracle is None
+
+    analysis = spa.pipeline.analyze(str(path))
+    through = analysis.channels.group_of(Dim("c2", 1))
+    assert through is not None and not through.prunable
+    assert any(r.code == BlockCode.NO_RULE and "com.vendor::MyOp" in r.reason for r in through.reasons)
+
+    pruned = ir.to_proto(res.model)
+    assert [n.domain for n in pruned.graph.node if n.op_type == "MyOp"] == ["com.vendor"]
+    inits = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    w1 = numpy_helper.to_array(next(t for t in original.graph.initializer if t.name == "W1"))
+    assert inits["W1"].shape[0] == 4 and inits["W2"].shape == (6, 4, 3, 3) and inits["W3"].shape == (4, 6, 1, 1)
+    kept = [int(np.flatnonzero((w1 == row).all(axis=(1, 2, 3)))[0]) for row in inits["W1"]]
+    masked = onnx.ModelProto.FromString(original.SerializeToString())
+    for t in masked.graph.initializer:
+        if t.name in ("W1", "B1"):
+            a = numpy_helper.to_array(t).copy()
+            a[[i for i in range(8) if i not in kept]] = 0
+            t.CopyFrom(numpy_helper.from_array(a, t.name))
+    x = f32(1, 3, 8, 8)
+    np.testing.assert_allclose(_ort(_as_relu(pruned), x), _ort(_as_relu(masked), x), rtol=1e-5, atol=1e-5)
+
+
+def test_custom_op_inspect(tmp_path: pathlib.Path) -> None:
+    """``spa inspect`` (analysis only, nothing run in ORT) shows the frozen group and the op."""
+    import spa
+
+    d = tmp_path / "case"
+    d.mkdir()
+    path = save(_vendor_op(), d)
+    analysis = spa.pipeline.analyze(str(path))
+    assert [g.prunable for g in analysis.channels.candidates] == [True, False]
 
 
 # --------------------------------------------------------------------------------------------

@@ -153,10 +153,22 @@ def test_truncated_before_opset_import(tmp_path: pathlib.Path) -> None:
         load_model(write(tmp_path / "m.onnx", m))
 
 
-def test_unknown_domain_node(tmp_path: pathlib.Path) -> None:
+def test_unknown_domain_node_loads_as_a_custom_op(tmp_path: pathlib.Path) -> None:
+    """A vendor's op loads (the analysis freezes its channels); foreign_ops names it, for the
+    steps that would need ONNX Runtime to run it."""
+    from spa.io import foreign_ops
+
     node = helper.make_node("Foo", ["y"], ["z"], domain="my.custom")
     m = make_model(extra_nodes=[node], extra_opsets=[helper.make_opsetid("my.custom", 1)])
-    with pytest.raises(UnsupportedError, match="my.custom"):
+    model = load_model(write(tmp_path / "m.onnx", m))
+    assert foreign_ops(model) == ["my.custom::Foo"]
+    assert foreign_ops(load_model(write(tmp_path / "plain.onnx", make_model()))) == []
+
+
+def test_unknown_domain_without_opset_import(tmp_path: pathlib.Path) -> None:
+    node = helper.make_node("Foo", ["y"], ["z"], domain="my.custom")
+    m = make_model(extra_nodes=[node])
+    with pytest.raises(InvalidModelError, match="my.custom"):
         load_model(write(tmp_path / "m.onnx", m))
 
 

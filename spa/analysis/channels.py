@@ -15,6 +15,7 @@ freezes that dim (UNMAPPED_AXIS): a forgotten axis can make a rule useless, neve
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -26,7 +27,7 @@ import onnx_ir as ir
 import scipy.sparse
 import scipy.sparse.csgraph
 
-from spa.graph import all_initializers, default_opset, is_constant, subgraphs
+from spa.graph import all_initializers, all_nodes, default_opset, gc_paused, is_constant, subgraphs
 from spa.rules.base import Blocked, BlockCode, ChannelRule, CouplingContext, Dim, Role, Tie, is_weight_input
 from spa.rules.registry import RuleKey, get_rule, resolve_rules
 
@@ -80,10 +81,30 @@ class ChannelGraph:
     groups: list[Group]
     dim_size: dict[Dim, int]
     node_dims: dict[str, set[Dim]]
-    graph: nx.Graph  # dims as nodes, an edge per tie (attribute ``nodes``: which ops tied them)
     #: The per-call rules the analysis ran with (``analyze_channels(rules=...)``), normalised;
     #: later readers of the rules (``build_plan``, consumers) look up through :meth:`rule`.
     rules: dict[RuleKey, ChannelRule] = dataclasses.field(default_factory=dict)
+    #: The ties as (dims in first-tie order, index of a, index of b, node) for :attr:`graph`.
+    _tie_dims: list[Dim] = dataclasses.field(default_factory=list, repr=False)
+    _tie_a: list[int] = dataclasses.field(default_factory=list, repr=False)
+    _tie_b: list[int] = dataclasses.field(default_factory=list, repr=False)
+    _tie_node: list[str] = dataclasses.field(default_factory=list, repr=False)
+
+    @functools.cached_property
+    def graph(self) -> nx.Graph:
+        """Dims as nodes, an edge per tied pair (attribute ``nodes``: the ops that tied them, in
+        order). Built on first use: the groups are computed without it (a networkx edge per
+        tie costs seconds on a 100 000-node model, and nothing in the pipeline reads it)."""
+        g = nx.Graph()
+        g.add_nodes_from(self._tie_dims)
+        dims = self._tie_dims
+        for a, b, node in zip(self._tie_a, self._tie_b, self._tie_node):
+            da, db = dims[a], dims[b]
+            if g.has_edge(da, db):
+                g.edges[da, db]["nodes"].append(node)
+            else:
+                g.add_edge(da, db, nodes=[node])
+        return g
 
     def group_of(self, dim: Dim) -> Group | None:
         return self._by_dim.get(dim)
@@ -108,12 +129,6 @@ class ChannelGraph:
         return consumers_of(model, group, self)
 
 
-def _static_rank_dims(value: ir.Value) -> list[int]:
-    if value.shape is None:
-        return []
-    return [i for i, d in enumerate(value.shape) if isinstance(d, int)]
-
-
 def analyze_channels(
     model: ir.Model,
     *,
@@ -130,15 +145,31 @@ def analyze_channels(
     for the forms accepted): they are looked up before the registry, so they may also replace
     a built-in rule. The result remembers them (``ChannelGraph.rules``).
     """
+    with gc_paused():
+        return _analyze(model, allow_inexact, rules)
+
+
+def _analyze(model: ir.Model, allow_inexact: bool, rules: Mapping[Any, ChannelRule] | Iterable[ChannelRule] | None) -> ChannelGraph:
     graph = model.graph
     opset = default_opset(model)
     overlay = resolve_rules(rules)
+    nodes = all_nodes(graph)
     ties: list[Tie] = []
+    tie_a: list[int] = []  # order index of each tie's a and b, kept so that no Dim is hashed twice
+    tie_b: list[int] = []
     roles: dict[Dim, set[Role]] = defaultdict(set)
     blocks: list[tuple[str, int | None, Blocked]] = []
     inexact: list[tuple[Dim, str]] = []
     node_dims: dict[str, set[Dim]] = {}
     order: dict[Dim, int] = {}
+    rule_of: dict[tuple[str, str], ChannelRule | None] = {}
+    canon: dict[Dim, Dim] = {}
+
+    def lookup(node: ir.Node) -> ChannelRule | None:
+        key = (node.domain, node.op_type)
+        if key not in rule_of:
+            rule_of[key] = get_rule(node.domain, node.op_type, overlay)
+        return rule_of[key]
 
     for io_value in (*graph.inputs, *graph.outputs):
         if is_weight_input(io_value) and not io_value.is_graph_output():
@@ -155,43 +186,57 @@ def analyze_channels(
     # Subgraph bodies are walked like the main graph (a value an inner node reads is mapped by
     # that node's rule). What crosses a body's own inputs/outputs is frozen, unless the op's
     # rule maps it (``owns_subgraphs``: If ties each branch output to its own output).
-    for node in graph.all_nodes():
-        rule = get_rule(node.domain, node.op_type, overlay)
-        if getattr(rule, "owns_subgraphs", False):
+    for node in nodes:
+        subs = subgraphs(node) if node.attributes else ()
+        if not subs or getattr(lookup(node), "owns_subgraphs", False):
             continue
-        for sub in subgraphs(node):
+        for sub in subs:
             for v in (*sub.inputs, *sub.outputs):
                 blocks.append((v.name, None, Blocked(BlockCode.SUBGRAPH, f"'{v.name}' crosses the boundary of a {node.op_type} body ('{node.name}')", node.name, v.name)))
 
-    hint = _WeightedDims()
-    for node in graph.all_nodes():
+    hint = _WeightedDims(order)
+    for node in nodes:
         ctx = CouplingContext(node, opset=opset, is_constant=is_constant, is_channel=hint.weighted, allow_inexact=allow_inexact)
-        rule = get_rule(node.domain, node.op_type, overlay)
+        rule = lookup(node)
         if rule is None:
             ctx.block_all(BlockCode.NO_RULE, f"no channel rule for {node.domain + '::' if node.domain else ''}{node.op_type} ('{ctx.name}')")
         else:
             rule.couplings(node, ctx)
         # Any static axis the rule did not mention is opaque to this node.
+        mentioned: dict[str, set[int]] = {}
+        for d in ctx.mentioned:
+            axes = mentioned.get(d.value)
+            if axes is None:
+                mentioned[d.value] = {d.axis}
+            else:
+                axes.add(d.axis)
         for v in (*node.inputs, *node.outputs):
-            if v is None:
+            if v is None or v.shape is None:
                 continue
-            for ax in _static_rank_dims(v):
-                if Dim(v.name, ax) not in ctx.mentioned:
+            axes = mentioned.get(v.name)
+            if axes is None:
+                axes = mentioned[v.name] = set()
+            for ax, size in enumerate(v.shape.dims):
+                if isinstance(size, int) and ax not in axes:
                     ctx.block(v, ax, BlockCode.UNMAPPED_AXIS, f"{node.op_type} '{ctx.name}' does not map axis {ax} of '{v.name}'")
+                    axes.add(ax)  # block() mentions it: a second read of the value is not blocked again
         ties.extend(ctx.ties)
         for d, r in ctx.roles:
             roles[d].add(r)
         blocks.extend(ctx.blocks)
         inexact.extend(ctx.inexact)
-        node_dims[node.name] = set(ctx.mentioned)
+        # One Dim object per axis across all nodes (the next node's input is this one's output):
+        # half the objects that outlive the analysis on a chain.
+        node_dims[node.name] = {canon.setdefault(d, d) for d in ctx.mentioned}
         for t in ctx.ties:
-            order.setdefault(t.a, len(order))
-            order.setdefault(t.b, len(order))
-            hint.union(t.a, t.b)
+            a, b = hint.index(t.a), hint.index(t.b)
+            tie_a.append(a)
+            tie_b.append(b)
+            hint.union(a, b)
         for d, _ in ctx.roles:
             hint.mark(d)
 
-    cg = _build_groups(graph, ties, roles, blocks, inexact, node_dims, order)
+    cg = _build_groups(graph, nodes, ties, tie_a, tie_b, roles, blocks, inexact, node_dims, order)
     cg.rules = overlay
     return cg
 
@@ -199,70 +244,120 @@ def analyze_channels(
 class _WeightedDims:
     """Dim-level union-find that knows which dims are (so far) tied to a weight.
 
-    Fed in topological order, it answers ``CouplingContext.is_channel`` for later rules.
+    Fed in topological order, it answers ``CouplingContext.is_channel`` for later rules. Dims
+    are numbered in first-tie order (``order``, shared with the caller: the analysis's dim
+    order), so the forest is two lists of ints; a dim marked before any tie names it waits in
+    ``_lonely`` until it gets a number.
     """
 
-    def __init__(self) -> None:
-        self._parent: dict[Dim, Dim] = {}
-        self._weighted: set[Dim] = set()
+    def __init__(self, order: dict[Dim, int]) -> None:
+        self._order = order
+        self._parent: list[int] = []
+        self._weighted: list[bool] = []
+        self._lonely: set[Dim] = set()
 
-    def _find(self, d: Dim) -> Dim:
-        root = d
-        while self._parent.get(root, root) != root:
-            root = self._parent[root]
-        while d != root:
-            self._parent[d], d = root, self._parent.get(d, d)
+    def index(self, d: Dim) -> int:
+        """``d``'s number, given on first sight (what ``order.setdefault`` did)."""
+        i = self._order.get(d)
+        if i is None:
+            i = self._order[d] = len(self._parent)
+            self._parent.append(i)
+            self._weighted.append(bool(self._lonely) and d in self._lonely)
+        return i
+
+    def _find(self, i: int) -> int:
+        parent = self._parent
+        root = i
+        while parent[root] != root:
+            root = parent[root]
+        while parent[i] != root:
+            parent[i], i = root, parent[i]
         return root
 
-    def union(self, a: Dim, b: Dim) -> None:
+    def union(self, a: int, b: int) -> None:
         ra, rb = self._find(a), self._find(b)
         if ra != rb:
             self._parent[rb] = ra
-            if rb in self._weighted:
-                self._weighted.add(ra)
+            if self._weighted[rb]:
+                self._weighted[ra] = True
 
     def mark(self, d: Dim) -> None:
-        self._weighted.add(self._find(d))
+        i = self._order.get(d)
+        if i is None:
+            self._lonely.add(d)
+        else:
+            self._weighted[self._find(i)] = True
 
     def weighted(self, d: Dim) -> bool:
-        return self._find(d) in self._weighted
+        i = self._order.get(d)
+        if i is None:
+            return d in self._lonely
+        return self._weighted[self._find(i)]
 
 
 def _build_groups(
     graph: ir.Graph,
+    nodes: list[ir.Node],
     ties: list[Tie],
+    tie_a: list[int],
+    tie_b: list[int],
     roles: dict[Dim, set[Role]],
     blocks: list[tuple[str, int | None, Blocked]],
     inexact: list[tuple[Dim, str]],
     node_dims: dict[str, set[Dim]],
     order: dict[Dim, int],
 ) -> ChannelGraph:
-    values = {v.name: v for v in _all_values(graph)}
-    dims = sorted(order, key=order.__getitem__)
+    """Units and groups, vectorised over dims and atoms (no per-group Python loop over dims
+    beyond building each group's ``unit_of``): linear in the number of ties."""
+    values = {v.name: v for v in _all_values(graph, nodes)}
+    dims = list(order)  # insertion order is the order index
+    n_dims = len(dims)
     size = {d: int(values[d.value].shape[d.axis]) for d in dims}
-    offset: dict[Dim, int] = {}
-    total = 0
-    for d in dims:
-        offset[d] = total
-        total += size[d]
+    sizes = np.fromiter(size.values(), dtype=np.int64, count=n_dims)
+    starts = np.zeros(n_dims, dtype=np.int64)
+    if n_dims:
+        np.cumsum(sizes[:-1], out=starts[1:])
+    total = int(sizes.sum())
+    a_idx = np.asarray(tie_a, dtype=np.int64)
+    b_idx = np.asarray(tie_b, dtype=np.int64)
 
     # Units: connected components over atoms (vectorised; a ResNet-50 has ~10^5 atoms).
     if ties:
-        rows = np.concatenate([offset[t.a] + t.a_index for t in ties])
-        cols = np.concatenate([offset[t.b] + t.b_index for t in ties])
+        lens = np.fromiter((len(t.a_index) for t in ties), dtype=np.int64, count=len(ties))
+        rows = np.repeat(starts[a_idx], lens) + np.concatenate([t.a_index for t in ties])
+        cols = np.repeat(starts[b_idx], lens) + np.concatenate([t.b_index for t in ties])
     else:
         rows = cols = np.zeros(0, dtype=np.int64)
     adjacency = scipy.sparse.coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(total, total))
     _, atom_label = scipy.sparse.csgraph.connected_components(adjacency, directed=False)
 
-    # Groups: connected components over dims.
-    g = nx.Graph()
-    g.add_nodes_from(dims)
-    for t in ties:
-        if g.has_edge(t.a, t.b):
-            g.edges[t.a, t.b]["nodes"].append(t.node)
-        else:
-            g.add_edge(t.a, t.b, nodes=[t.node])
+    # Groups: connected components over dims, numbered by their first dim, members in order.
+    dim_graph = scipy.sparse.coo_matrix((np.ones(len(a_idx), dtype=np.int8), (a_idx, b_idx)), shape=(n_dims, n_dims))
+    _, dim_label = scipy.sparse.csgraph.connected_components(dim_graph, directed=False)
+    uniq, first = np.unique(dim_label, return_index=True)
+    rank = np.empty(len(uniq), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(uniq))
+    group_of_dim = rank[np.searchsorted(uniq, dim_label)] if n_dims else np.zeros(0, dtype=np.int64)
+    perm = np.argsort(group_of_dim, kind="stable")  # by group, then by order
+    n_groups = len(uniq)
+    bounds = np.searchsorted(group_of_dim[perm], np.arange(n_groups + 1))
+
+    # Units numbered per group in order of first appearance (members in order, atoms in
+    # order). Atoms of one unit always lie in one group, so first appearance over all groups
+    # laid end to end, minus the units of the groups before, is each group's own numbering.
+    seq_lens = sizes[perm]
+    seq_starts = starts[perm]
+    seq = np.repeat(seq_starts - np.concatenate(([0], np.cumsum(seq_lens)[:-1])), seq_lens) + np.arange(total)
+    labels_seq = atom_label[seq]
+    lab_uniq, lab_first = np.unique(labels_seq, return_index=True)
+    ranked = lab_uniq[np.argsort(lab_first, kind="stable")]
+    unit_global = np.zeros(int(atom_label.max()) + 1 if total else 0, dtype=np.int64)
+    unit_global[ranked] = np.arange(len(ranked))
+    atom_unit = unit_global[atom_label]  # global unit number of every atom
+    atom_group = np.repeat(group_of_dim, sizes)
+    units_per_group = np.bincount(atom_group[np.unique(atom_unit, return_index=True)[1]], minlength=n_groups) if total else np.zeros(n_groups, dtype=np.int64)
+    unit_base = np.concatenate(([0], np.cumsum(units_per_group)[:-1])).astype(np.int64)
+    atom_unit_local = atom_unit - unit_base[atom_group] if total else atom_unit
 
     frozen_atoms = np.zeros(total, dtype=bool)
     reasons_by_dim: dict[Dim, list[Blocked]] = defaultdict(list)
@@ -273,45 +368,56 @@ def _build_groups(
         axes = range(len(v.shape)) if axis is None else (axis,)
         for ax in axes:
             d = Dim(value_name, ax)
-            if d in offset:
-                frozen_atoms[offset[d] : offset[d] + size[d]] = True
+            i = order.get(d)
+            if i is not None:
+                frozen_atoms[starts[i] : starts[i] + sizes[i]] = True
                 reasons_by_dim[d].append(blocked)
-    inexact_by_dim: dict[Dim, list[str]] = defaultdict(list)
+    frozen_units = np.zeros(len(ranked), dtype=bool)
+    frozen_units[atom_unit[frozen_atoms]] = True
+
+    # Per-group reasons (members in order, dims with atoms only), roles and inexact notes.
+    by_group_reasons: dict[int, list[int]] = defaultdict(list)
+    for d in reasons_by_dim:
+        i = order[d]
+        if sizes[i] > 0:
+            by_group_reasons[int(group_of_dim[i])].append(i)
+    by_group_roles: dict[int, list[int]] = defaultdict(list)
+    for d, rs in roles.items():
+        i = order.get(d)
+        if i is not None and rs:
+            by_group_roles[int(group_of_dim[i])].append(i)
+    inexact_by_group: dict[int, set[str]] = defaultdict(set)
     for d, why in inexact:
-        inexact_by_dim[d].append(why)
+        i = order.get(d)
+        if i is not None:
+            inexact_by_group[int(group_of_dim[i])].add(why)
 
     groups: list[Group] = []
-    components = sorted((sorted(c, key=order.__getitem__) for c in nx.connected_components(g)), key=lambda c: order[c[0]])
-    for gi, members in enumerate(components):
-        labels = np.concatenate([atom_label[offset[d] : offset[d] + size[d]] for d in members])
-        uniq, first = np.unique(labels, return_index=True)
-        # Number units in order of first appearance so ids are stable and readable.
-        ranked = uniq[np.argsort(first)]
-        lut = np.zeros(int(ranked.max()) + 1, dtype=np.int64)
-        lut[ranked] = np.arange(len(ranked))
-        unit_of = {d: lut[atom_label[offset[d] : offset[d] + size[d]]] for d in members}
-        n_units = len(ranked)
-        frozen = np.zeros(n_units, dtype=bool)
+    perm_list = perm.tolist()
+    starts_list, sizes_list = starts.tolist(), sizes.tolist()
+    units_list, base_list = units_per_group.tolist(), unit_base.tolist()
+    for gi in range(n_groups):
+        member_idx = perm_list[bounds[gi] : bounds[gi + 1]]
+        members = [dims[i] for i in member_idx]
+        unit_of = {dims[i]: atom_unit_local[starts_list[i] : starts_list[i] + sizes_list[i]].copy() for i in member_idx}
         reasons: list[Blocked] = []
-        for d in members:
-            fa = frozen_atoms[offset[d] : offset[d] + size[d]]
-            if fa.any():
-                frozen[unit_of[d][fa]] = True
-                reasons.extend(reasons_by_dim[d])
+        for i in sorted(by_group_reasons.get(gi, ())):
+            reasons.extend(reasons_by_dim[dims[i]])
         groups.append(
             Group(
                 id=f"g{gi}",
                 dims=members,
                 unit_of=unit_of,
-                n_units=n_units,
-                frozen=frozen,
+                n_units=units_list[gi],
+                frozen=frozen_units[base_list[gi] : base_list[gi] + units_list[gi]].copy(),
                 reasons=_dedupe(reasons),
-                roles={d: tuple(sorted(roles[d], key=lambda r: r.value)) for d in members if roles.get(d)},
-                inexact=sorted({w for d in members for w in inexact_by_dim.get(d, [])}),
+                roles={dims[i]: tuple(sorted(roles[dims[i]], key=lambda r: r.value)) for i in sorted(by_group_roles.get(gi, ()))},
+                inexact=sorted(inexact_by_group.get(gi, ())),
             )
         )
     logger.info("channel analysis: %d dims, %d atoms, %d groups", len(dims), total, len(groups))
-    return ChannelGraph(groups=groups, dim_size=size, node_dims=node_dims, graph=g)
+    return ChannelGraph(groups=groups, dim_size=size, node_dims=node_dims, _tie_dims=dims, _tie_a=tie_a, _tie_b=tie_b,
+                        _tie_node=[t.node for t in ties])
 
 
 def _dedupe(reasons: list[Blocked]) -> list[Blocked]:
@@ -325,10 +431,10 @@ def _dedupe(reasons: list[Blocked]) -> list[Blocked]:
     return out
 
 
-def _all_values(graph: ir.Graph):
+def _all_values(graph: ir.Graph, nodes: list[ir.Node]):
     yield from graph.inputs
     yield from all_initializers(graph).values()
-    for node in graph.all_nodes():
+    for node in nodes:
         for v in node.outputs:
             yield v
         for v in node.inputs:

@@ -88,6 +88,7 @@ import numpy as np
 import onnx_ir as ir
 
 from spa.errors import UsageError
+from spa.graph import gc_paused
 
 __all__ = ["Cost", "CostModel", "SizeFn", "count_cost", "executed_macs", "executed_macs_by_node"]
 
@@ -483,10 +484,14 @@ class CostModel:
         Raises UsageError for input shapes that do not fit the model (see
         :func:`spa.inputs.resolve_input_shapes`).
         """
-        from spa.inputs import resolve_input_shapes, specialize
+        from spa.inputs import already_specialized, resolve_input_shapes, specialize
 
         shapes = resolve_input_shapes(model, input_shapes or {})
-        cm = cls(specialize(model, shapes, observe=observe, seed=seed, values=values))
+        # Counting never changes the model: one that is already static for these inputs is
+        # counted as it is (no copy, no second shape inference).
+        with gc_paused():
+            static = model if already_specialized(model, shapes) else specialize(model, shapes, observe=observe, seed=seed, values=values)
+            cm = cls(static)
         cm.input_shapes = shapes
         return cm
 

@@ -30,7 +30,10 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common
+from onnx_ir.passes.common import _c_api_utils
+from onnx_ir.passes.common.shape_inference import _merge_func as _shape_inference_merge
 
+from spa.graph import all_nodes, gc_paused, has_subgraphs
 from spa.passes.fold_constants import FoldConstantsPass
 from spa.passes.fold_shapes import FoldShapesPass
 from spa.passes.resolve_reshapes import ResolveReshapesPass
@@ -54,15 +57,21 @@ class CanonicalizePass(ir.passes.InPlacePass):
         self.keep_weight_inputs = keep_weight_inputs
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        with gc_paused():
+            return self._call(model)
+
+    def _call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
         for p in (
-            common.InlinePass(),
+            # Without local functions there is nothing to inline (the pass still walks every node).
+            common.InlinePass() if model.functions else None,
             common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
             WeightInputsPass(keep=self.keep_weight_inputs),
             common.NameFixPass(),
-            common.TopologicalSortPass(),
+            None if _already_sorted(model) else common.TopologicalSortPass(),
         ):
-            modified |= p(model).modified
+            if p is not None:
+                modified |= p(model).modified
         infer_shapes(model)
         folded = FoldConstantsPass()(model).modified
         if FoldShapesPass()(model).modified or folded:
@@ -109,10 +118,11 @@ def infer_shapes(model: ir.Model) -> None:
     Same-shape ops that inference leaves unshaped get their input's shape, then inference
     runs once more so their consumers are shaped too.
     """
+    nodes = all_nodes(model.graph)  # inference and ResolveReshapes add or remove no node
     _infer(model)
-    _unknown_dims_are_symbolic(model)
+    _unknown_dims_are_symbolic(model, nodes)
     filled = False
-    for node in model.graph.all_nodes():
+    for node in nodes:
         out = node.outputs[0] if node.outputs else None
         if out is None or out.shape is not None:
             continue
@@ -123,15 +133,33 @@ def infer_shapes(model: ir.Model) -> None:
             filled = True
     if filled:
         _infer(model)
-        _unknown_dims_are_symbolic(model)
+        _unknown_dims_are_symbolic(model, nodes)
     for _ in range(3):  # each resolved Reshape can unlock the next one downstream
         if not ResolveReshapesPass()(model).modified:
             break
         _infer(model)
-        _unknown_dims_are_symbolic(model)
-    if any(n.domain == "com.microsoft" for n in model.graph.all_nodes()):
+        _unknown_dims_are_symbolic(model, nodes)
+    if any(n.domain == "com.microsoft" for n in nodes):
         _infer_contrib(model)
-        _unknown_dims_are_symbolic(model)
+        _unknown_dims_are_symbolic(model, nodes)
+
+
+def _already_sorted(model: ir.Model) -> bool:
+    """Whether ``TopologicalSortPass`` would leave the model as it is: no local functions, no
+    bodies, and every node after the producers of its inputs. The sort is stable (a sorted
+    graph keeps its order), so it can be skipped; it costs seconds on 100 000 nodes."""
+    graph = model.graph
+    if model.functions or has_subgraphs(graph):
+        return False
+    seen: set[ir.Node] = set()
+    for node in graph:
+        for v in node.inputs:
+            if v is not None:
+                p = v.producer()
+                if p is not None and p not in seen:
+                    return False
+        seen.add(node)
+    return True
 
 
 def _shapes_proto(model: ir.Model) -> onnx.ModelProto:
@@ -174,6 +202,8 @@ def _fill_from(model: ir.Model, inferred: onnx.ModelProto) -> None:
 def _infer_subgraphs(model: ir.Model) -> None:
     """onnx-ir's ShapeInferencePass leaves If/Loop bodies unshaped; ONNX's inference shapes
     them (in each body's value_info), so copy those shapes over."""
+    if not has_subgraphs(model.graph):
+        return
     top = set(model.graph)
     if not any(v.shape is None for n in model.graph.all_nodes() if n not in top for v in n.outputs):
         return
@@ -214,11 +244,11 @@ def _remove_unused_initializers(model: ir.Model) -> bool:
     return bool(dead)
 
 
-def _unknown_dims_are_symbolic(model: ir.Model) -> None:
+def _unknown_dims_are_symbolic(model: ir.Model, nodes: list[ir.Node] | None = None) -> None:
     """Some exporters (PaddlePaddle) write unknown sizes as ``-1``: make them symbolic, so a
-    negative "size" can never be taken for a static one."""
+    negative "size" can never be taken for a static one. ``nodes``: every node, bodies too."""
     graph = model.graph
-    values = [*graph.inputs, *graph.outputs, *(v for n in graph.all_nodes() for v in n.outputs)]
+    values = [*graph.inputs, *graph.outputs, *(v for n in (all_nodes(graph) if nodes is None else nodes) for v in n.outputs)]
     for v in values:
         if v.shape is not None and any(isinstance(d, int) and d < 0 for d in v.shape.dims):
             v.shape = ir.Shape([ir.SymbolicDim(None) if isinstance(d, int) and d < 0 else d for d in v.shape.dims])
@@ -226,8 +256,83 @@ def _unknown_dims_are_symbolic(model: ir.Model) -> None:
 
 def _infer(model: ir.Model) -> None:
     try:
-        common.ShapeInferencePass(strict_mode=True)(model)
+        _shape_inference(model, check_type=True, strict_mode=True)
     except Exception as e:  # noqa: BLE001 - onnx raises many kinds; fall back to lenient mode
         logger.info("strict shape inference failed (%s); retrying leniently", e)
-        common.ShapeInferencePass(check_type=False, strict_mode=False)(model)
+        _shape_inference(model, check_type=False, strict_mode=False)
     _infer_subgraphs(model)
+
+
+def _shape_inference(model: ir.Model, *, check_type: bool, strict_mode: bool) -> None:
+    """onnx-ir's ``ShapeInferencePass`` (same serialization, same merge rule, same "left
+    unchanged" when onnx's inference raises), merged without deserializing the inferred model.
+
+    The pass turns the whole inferred proto back into an IR only to read each value's type:
+    on a 100 000-node chain that is most of its time (~25 µs a value). A graph without
+    subgraphs needs no IR for that: the types are read from the proto's inputs, value_info and
+    outputs with the precedence deserialization gives them (see :func:`_inferred_types`).
+    Graphs with subgraphs keep onnx-ir's merge (scoping rules across bodies).
+    """
+    def infer(proto: onnx.ModelProto) -> onnx.ModelProto:
+        return onnx.shape_inference.infer_shapes(proto, check_type=check_type, strict_mode=strict_mode, data_prop=True)
+
+    try:
+        inferred = _c_api_utils.call_onnx_api(infer, model)
+    except Exception as e:  # noqa: BLE001 - as ShapeInferencePass: the model is left unchanged
+        logger.warning("Shape inference failed: %s. Model is left unchanged", e)
+        return
+    if has_subgraphs(model.graph):
+        _shape_inference_merge(model, inferred)
+        return
+    types = _inferred_types(inferred.graph)
+    del inferred
+    cache: dict[bytes, tuple[ir.Shape | None, ir.DataType | None]] = {}
+    for name, value in ir.convenience.create_value_mapping(model.graph).items():
+        tp = types.get(name)
+        if tp is None:
+            continue
+        shape, dtype = _type_of(tp, cache)
+        # ``None != shape`` is true, but asks ``isinstance(None, Iterable)`` on the way (slow).
+        if shape is not None and (value.shape is None or value.shape != shape):
+            value.shape = shape
+        if dtype is not None and value.dtype != dtype:
+            value.dtype = dtype
+
+
+def _inferred_types(graph: onnx.GraphProto) -> dict[str, onnx.TypeProto]:
+    """Name → the type a value of ``graph`` (no subgraphs) gets when onnx-ir deserializes it:
+    a graph input's own entry (the first of a name), a node output's ``value_info`` entry,
+    a graph output's entry over either. Initializers are graph inputs here (``call_onnx_api``
+    makes them so). Values left without an entry have neither shape nor type."""
+    types: dict[str, onnx.TypeProto] = {}
+    for vi in graph.input:
+        types.setdefault(vi.name, vi.type)
+    value_info = {vi.name: vi.type for vi in graph.value_info}
+    produced: set[str] = set()
+    for node in graph.node:
+        for name in node.output:
+            if name:
+                produced.add(name)
+                tp = value_info.get(name)
+                if tp is not None:
+                    types[name] = tp
+    for vi in graph.output:
+        if vi.name in types or vi.name in produced:
+            types[vi.name] = vi.type
+    return types
+
+
+def _type_of(tp: onnx.TypeProto, cache: dict[bytes, tuple[ir.Shape | None, ir.DataType | None]]) -> tuple[ir.Shape | None, ir.DataType | None]:
+    """(shape, dtype) as onnx-ir deserializes ``tp``. Static shapes are frozen, so one object
+    is shared by every value of that type (what frozen shapes are for); a shape with symbolic
+    dims is built afresh for each value."""
+    key = tp.SerializeToString()
+    hit = cache.get(key)
+    if hit is not None:
+        return hit
+    shape = ir.serde.deserialize_type_proto_for_shape(tp)
+    typ = ir.serde.deserialize_type_proto_for_type(tp)
+    out = (shape, typ.dtype if typ is not None else None)
+    if shape is None or all(isinstance(d, int) for d in shape.dims):
+        cache[key] = out
+    return out

@@ -18,6 +18,8 @@ import math
 import numpy as np
 import onnx_ir as ir
 
+from spa.graph import all_nodes
+
 __all__ = ["ResolveReshapesPass", "symbolic_value"]
 
 logger = logging.getLogger(__name__)
@@ -102,7 +104,7 @@ class ResolveReshapesPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         count = 0
-        for node in model.graph.all_nodes():
+        for node in all_nodes(model.graph):
             if node.op_type != "Reshape" or len(node.inputs) < 2:
                 continue
             x, y = node.inputs[0], node.outputs[0]
