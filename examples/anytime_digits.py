@@ -8,11 +8,12 @@ removes the channels spa chooses for a 50 % FLOPs cut (``flops_target=0.5``), me
 spa's cost model on the ONNX export; accuracy is on the held-out test split (450 images).
 
 - before training: SNIP / GraSP / CroP (or ``random``, ``l1``) on the *initial* weights,
-  gradients computed by spa on the ONNX export; the plan is mapped back to the torch module
-  (``spa.torch.apply_plan``) and the smaller model is trained from those initial weights with
-  the original's schedule;
+  gradients computed by spa on the ONNX export; the plan alone is mapped back to the torch
+  module (``spa.torch.apply_plan``, by the plan's fingerprints) and the smaller model is trained
+  from those initial weights with the original's schedule;
 - after training, with fine-tuning: the plan (``l1``, ``taylor``) is mapped to the trained
-  module, which is fine-tuned for ``FT_EPOCHS`` epochs;
+  module (with ``model=``, so also checked in ONNX Runtime), which is fine-tuned for
+  ``FT_EPOCHS`` epochs;
 - after training, without fine-tuning: spa's pruned ONNX as it comes out (``--compensate
   none | data-free | calibration``), evaluated in ONNX Runtime.
 
@@ -129,7 +130,7 @@ def run(seed: int, flops_target: float) -> tuple[list[tuple[str, str, float, flo
         t0 = time.perf_counter()
         result = spa.prune(init_onnx, criterion=crit, calibration=labelled, **common)
         small = copy.deepcopy(init)
-        spa_torch.apply_plan(small, result.plan, model=init_onnx)
+        spa_torch.apply_plan(small, result.plan)  # the plan alone: its fingerprints find the (BN-folded) tensors
         t = time.perf_counter() - t0 + train(small, xtr, ytr, EPOCHS, LR, seed)
         rows.append(("before training", f"{crit} at init → train {EPOCHS} epochs", accuracy_torch(small, xte, yte), pruned_flops(result), t))
 
@@ -138,7 +139,7 @@ def run(seed: int, flops_target: float) -> tuple[list[tuple[str, str, float, flo
         t0 = time.perf_counter()
         result = spa.prune(base, criterion=crit, calibration=labelled, **common)
         tuned = copy.deepcopy(trained)
-        spa_torch.apply_plan(tuned, result.plan, model=base)
+        spa_torch.apply_plan(tuned, result.plan, model=base)  # with the ONNX file: also checked in ONNX Runtime
         t = time.perf_counter() - t0 + train(tuned, xtr, ytr, FT_EPOCHS, LR / 3, seed)
         rows.append(("after, fine-tuned", f"{crit} → fine-tune {FT_EPOCHS} epochs", accuracy_torch(tuned, xte, yte), pruned_flops(result), t))
 

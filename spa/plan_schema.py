@@ -117,6 +117,10 @@ def check_plan_document(d: Any) -> None:
         _tensor(t, f"tensors[{i}]")
     for i, r in enumerate(_list(d, "rewrites", "")):
         _rewrite(r, f"rewrites[{i}]")
+    if "inputs" in d:  # optional (spa.torch.fingerprint): plans made before it have none
+        from spa.torch.fingerprint import check_inputs
+
+        check_inputs(d["inputs"])
 
 
 # -- pieces ----------------------------------------------------------------------------------
@@ -229,6 +233,10 @@ def _tensor(t: Any, path: str) -> None:
         seen.add(axis)
         _strs(a, "roles", ap)
         _indices(a, "kept", ap, shape[axis], "the axis has size")
+    if t.get("fingerprint") is not None:  # optional (spa.torch.fingerprint): older plans have none
+        from spa.torch.fingerprint import check_fingerprint
+
+        check_fingerprint(t["fingerprint"], shape, f"{path}.fingerprint")
 
 
 def _rewrite(r: Any, path: str) -> None:

@@ -42,13 +42,19 @@ class TensorEdit:
     shape: list[int]
     kept: dict[int, list[int]]
     roles: dict[int, list[str]]
+    #: What ``spa.torch.apply_plan`` needs to find the tensor in a state_dict without the ONNX
+    #: file (``spa.torch.fingerprint``); None in plans made before it existed.
+    fingerprint: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        d = {
             "name": self.name,
             "shape": self.shape,
             "axes": [{"axis": a, "roles": self.roles.get(a, []), "kept": self.kept[a]} for a in sorted(self.kept)],
         }
+        if self.fingerprint is not None:
+            d["fingerprint"] = self.fingerprint
+        return d
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> TensorEdit:
@@ -57,6 +63,7 @@ class TensorEdit:
             shape=list(d["shape"]),
             kept={int(a["axis"]): [int(i) for i in a["kept"]] for a in d["axes"]},
             roles={int(a["axis"]): list(a["roles"]) for a in d["axes"]},
+            fingerprint=d.get("fingerprint"),
         )
 
 
@@ -94,13 +101,16 @@ class Plan:
     groups: list[GroupPlan]
     tensors: list[TensorEdit]
     rewrites: list[AttrRewrite | ConstRewrite]
+    #: The graph inputs (name, concrete shape, dtype) of the model the plan was made for:
+    #: ``spa.torch`` runs the module once on seeded inputs of these shapes. None if unknown.
+    inputs: list[dict[str, Any]] | None = None
 
     @property
     def empty(self) -> bool:
         return not self.tensors and not self.rewrites
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        d = {
             "version": self.version,
             "model_sha256": self.model_sha256,
             "options": self.options,
@@ -108,6 +118,9 @@ class Plan:
             "tensors": [t.to_json() for t in self.tensors],
             "rewrites": [r.to_json() for r in self.rewrites],
         }
+        if self.inputs is not None:
+            d["inputs"] = self.inputs
+        return d
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=1, sort_keys=False)
@@ -167,6 +180,7 @@ class Plan:
             groups=[GroupPlan.from_json(g) for g in d["groups"]],
             tensors=[TensorEdit.from_json(t) for t in d["tensors"]],
             rewrites=rewrites,
+            inputs=d.get("inputs"),
         )
 
 
@@ -184,12 +198,17 @@ def build_plan(
     options: Mapping[str, Any] | None = None,
     model_sha256: str | None = None,
     rules: Mapping[Any, ChannelRule] | Iterable[ChannelRule] | None = None,
+    fingerprints: bool = True,
 ) -> Plan:
     """Turn "group → removed units" into tensor slices and rule rewrites (no mutation).
 
     The rewrites come from the same rules the analysis ran: ``rules`` (per-call rules, as
     for ``analyze_channels``) when given, else those ``cg`` remembers, then the registry.
+    With ``fingerprints`` each sliced tensor carries a value fingerprint and the plan its
+    graph inputs (``spa.torch.fingerprint``): enough to map it to a torch module alone.
     """
+    from spa.torch.fingerprint import facts_json, graph_facts, plan_inputs, value_fingerprint  # numpy only: no torch
+
     overlay = cg.rules if rules is None else resolve_rules(rules)
     by_id = {g.id: g for g in cg.groups}
     kept_by_dim: dict[Dim, np.ndarray] = {}
@@ -208,6 +227,7 @@ def build_plan(
     graph = model.graph
     initializers = all_initializers(graph)
     tensors: list[TensorEdit] = []
+    facts = graph_facts(graph) if fingerprints else ({}, {})
     for name in sorted({d.value for d in kept_by_dim}):
         value = initializers.get(name)
         if value is None or not is_constant(value):
@@ -223,6 +243,7 @@ def build_plan(
                 shape=[int(s) for s in value.shape],
                 kept={ax: [int(i) for i in k] for ax, k in sorted(axes.items())},
                 roles=roles,
+                fingerprint=value_fingerprint(value, facts_json(name, *facts)) if fingerprints else None,
             )
         )
 
@@ -263,4 +284,5 @@ def build_plan(
         groups=groups,
         tensors=tensors,
         rewrites=rewrites,
+        inputs=plan_inputs(model) if fingerprints and tensors else None,
     )

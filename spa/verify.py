@@ -400,7 +400,7 @@ def _prove_part(analysis, plan: Plan, keep, original_path: pathlib.Path, feeds, 
     chosen = {g.id: np.asarray(g.removed) for g in plan.groups if g.removed and keep(g)}
     if not chosen or not chosen.keys() <= ids:
         return None
-    sub = build_plan(analysis.model, analysis.channels, chosen)
+    sub = build_plan(analysis.model, analysis.channels, chosen, fingerprints=False)
     model = io.load_model(original_path)
     PrunePass(sub)(model)
     part_path = scratch("part")

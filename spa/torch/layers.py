@@ -1,5 +1,6 @@
 """Fixing the layers after their tensors were sliced, and the modules that replace stock ones
-that cannot hold a pruned shape (:class:`PrunedMultiheadAttention`, :class:`PrunedLSTM`).
+that cannot hold a pruned shape (:class:`PrunedMultiheadAttention`, :class:`PrunedLSTM`,
+:class:`PrunedRNN`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from spa.errors import UnsupportedError
 if TYPE_CHECKING:  # pragma: no cover
     from spa.torch import TorchMapping
 
-__all__ = ["PrunedMultiheadAttention", "PrunedLSTM", "fix_module", "fix_attention_attributes", "submodule"]
+__all__ = ["PrunedMultiheadAttention", "PrunedLSTM", "PrunedRNN", "fix_module", "fix_attention_attributes", "submodule"]
 
 logger = logging.getLogger(__name__)
 
@@ -112,16 +113,21 @@ def fix_module(root, path: str, old: dict[str, Any], result: TorchMapping, wante
     elif isinstance(m, nn.Embedding):
         m.embedding_dim = m.weight.shape[1]
         result.modules[name] = f"Embedding dim → {m.embedding_dim}"
-    elif isinstance(m, nn.LSTM):
+    elif isinstance(m, (nn.LSTM, nn.GRU, nn.RNN)):
         before = (m.input_size, m.hidden_size)
         hidden = [m.get_parameter(f"weight_hh_l{i}").shape[1] for i in range(m.num_layers)]
+        if m.bidirectional:
+            rev = [m.get_parameter(f"weight_hh_l{i}_reverse").shape[1] for i in range(m.num_layers)]
+            if rev != hidden:
+                raise UnsupportedError(f"'{name}': the two directions of the {type(m).__name__} were pruned to different hidden sizes "
+                                       f"(forward {hidden}, reverse {rev} per layer): a torch {type(m).__name__} layer has one size")
         m.input_size = m.weight_ih_l0.shape[1]
         if len(set(hidden)) == 1:
             m.hidden_size = hidden[0]
             m._init_flat_weights()
-            result.modules[name] = f"LSTM input {before[0]}→{m.input_size}, hidden {before[1]}→{m.hidden_size}"
+            result.modules[name] = f"{type(m).__name__} input {before[0]}→{m.input_size}, hidden {before[1]}→{m.hidden_size}"
         else:
-            _replace_lstm(root, path, m, hidden, result)
+            _replace_recurrent(root, path, m, hidden, result)
     elif isinstance(m, nn.MultiheadAttention):
         rows = wanted.get(f"{path}.in_proj_weight" if path else "in_proj_weight", {}).get(0)
         _replace_attention(root, path, m, result, rows)
@@ -130,55 +136,71 @@ def fix_module(root, path: str, old: dict[str, Any], result: TorchMapping, wante
         logger.warning("spa.torch: %s is a %s; its tensors were sliced but its attributes not updated", name, type(m).__name__)
 
 
-# -- LSTM layers of different sizes --------------------------------------------------------------
+# -- LSTM / GRU / RNN layers of different sizes ----------------------------------------------------
 
 
-def _replace_lstm(root, path: str, m, hidden: list[int], result: TorchMapping) -> None:
-    """An nn.LSTM whose layers were pruned to different hidden sizes → PrunedLSTM (one
-    single-layer nn.LSTM per layer, run in sequence)."""
+def _replace_recurrent(root, path: str, m, hidden: list[int], result: TorchMapping) -> None:
+    """An nn.LSTM / nn.GRU / nn.RNN whose layers were pruned to different hidden sizes →
+    PrunedLSTM / PrunedRNN (one single-layer module of the same kind per layer, in sequence)."""
     torch = require_torch()
+    kind = type(m).__name__
     layers = []
     sfx = ["", "_reverse"] if m.bidirectional else [""]
     dirs = len(sfx)
+    extra = {"nonlinearity": m.nonlinearity} if isinstance(m, torch.nn.RNN) else {}
     for i, h in enumerate(hidden):
         size = m.get_parameter(f"weight_ih_l{i}").shape[1]
-        layer = torch.nn.LSTM(size, h, 1, bias=m.bias, batch_first=m.batch_first, bidirectional=m.bidirectional)
+        layer = type(m)(size, h, 1, bias=m.bias, batch_first=m.batch_first, bidirectional=m.bidirectional, **extra)
         with torch.no_grad():
             for x in sfx:
-                for kind in ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if m.bias else ()):
-                    getattr(layer, f"{kind}_l0{x}").copy_(m.get_parameter(f"{kind}_l{i}{x}"))
+                for t in ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if m.bias else ()):
+                    getattr(layer, f"{t}_l0{x}").copy_(m.get_parameter(f"{t}_l{i}{x}"))
         layers.append(layer)
-    new = PrunedLSTM.create(layers, dropout=m.dropout)
+    lstm = isinstance(m, torch.nn.LSTM)
+    new = (PrunedLSTM if lstm else PrunedRNN).create(layers, dropout=m.dropout)
     parent_path, _, attr_name = path.rpartition(".")
     setattr(submodule(root, parent_path), attr_name, new)
-    why = (f"nn.LSTM has one hidden_size for all layers; its {len(hidden)} layers were pruned to {hidden} (×{dirs} directions): "
-           "replaced by spa.torch.PrunedLSTM (same output; h_n and c_n are tuples, one per layer)")
+    why = (f"nn.{kind} has one hidden_size for all layers; its {len(hidden)} layers were pruned to {hidden} (×{dirs} directions): "
+           f"replaced by spa.torch.{'PrunedLSTM' if lstm else 'PrunedRNN'} (same output; "
+           f"{'h_n and c_n are tuples' if lstm else 'h_n is a tuple'}, one per layer)")
     result.replaced[path or "<root>"] = why
-    result.modules[path or "<root>"] = f"LSTM hidden {m.hidden_size}→{hidden}"
+    result.modules[path or "<root>"] = f"{kind} hidden {m.hidden_size}→{hidden}"
     logger.warning("spa.torch: %s: %s", path, why)
 
 
-class _LazyLSTM(type):
+class _LazyStack(type):
+    """Builds the stacked nn.Module subclass on first use (importing spa.torch needs no torch)."""
+
     _cls = None
+    _cell_state = True
 
     def create(cls, *args, **kw):
         if cls._cls is None:
-            cls._cls = _build_lstm_class()
+            cls._cls = _build_stack_class(cls.__name__, cls._cell_state)
         return cls._cls(*args, **kw)
 
     def __instancecheck__(cls, obj):
         return cls._cls is not None and isinstance(obj, cls._cls)
 
 
-class PrunedLSTM(metaclass=_LazyLSTM):
+class PrunedLSTM(metaclass=_LazyStack):
     """A stack of single-layer LSTMs of different hidden sizes (``create(layers, dropout)``),
     called like nn.LSTM; ``h_n``/``c_n`` are tuples with one tensor per layer."""
 
+    _cell_state = True
 
-def _build_lstm_class():
+
+class PrunedRNN(metaclass=_LazyStack):
+    """A stack of single-layer GRUs (or RNNs) of different hidden sizes (``create(layers,
+    dropout)``), called like nn.GRU / nn.RNN; ``h_n`` is a tuple with one tensor per layer."""
+
+    _cell_state = False
+
+
+def _build_stack_class(name: str, cell_state: bool):
     torch = require_torch()
 
-    class _PrunedLSTM(torch.nn.Module):
+    class _Stack(torch.nn.Module):
         def __init__(self, layers, dropout=0.0):
             super().__init__()
             self.layers = torch.nn.ModuleList(layers)
@@ -187,16 +209,18 @@ def _build_lstm_class():
         def forward(self, x, hx=None):
             hs, cs = [], []
             for i, layer in enumerate(self.layers):
-                state = None if hx is None else (hx[0][i], hx[1][i])
-                x, (h, c) = layer(x, state)
+                if cell_state:
+                    x, (h, c) = layer(x, None if hx is None else (hx[0][i], hx[1][i]))
+                    cs.append(c)
+                else:
+                    x, h = layer(x, None if hx is None else hx[i])
                 if self.dropout and self.training and i < len(self.layers) - 1:
                     x = torch.nn.functional.dropout(x, self.dropout, True)
                 hs.append(h)
-                cs.append(c)
-            return x, (tuple(hs), tuple(cs))
+            return x, ((tuple(hs), tuple(cs)) if cell_state else tuple(hs))
 
-    _PrunedLSTM.__name__ = _PrunedLSTM.__qualname__ = "PrunedLSTM"
-    return _PrunedLSTM
+    _Stack.__name__ = _Stack.__qualname__ = name
+    return _Stack
 
 
 # -- attention ---------------------------------------------------------------------------------
