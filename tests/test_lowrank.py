@@ -251,3 +251,79 @@ def test_python_lowrank_factorizes_without_pruning() -> None:
     assert any(l["rank"] for l in r.report.lowrank["layers"]) and r.report.flops_after < r.report.flops_before
     with pytest.raises(spa.UsageError, match="energy"):
         spa.lowrank(str(DEMO), energy=0.0)
+
+
+def test_output_error_counts_the_real_positions_of_an_attention_mask() -> None:
+    from spa.lowrank_alloc import output_error
+
+    rng = np.random.default_rng(5)
+    ref, got = rng.normal(size=(2, 6, 4)), rng.normal(size=(2, 6, 4))
+    mask = (rng.random((2, 6)) < 0.5).astype(np.int64)
+    mask[:, 0] = 1
+    keep = mask.astype(bool)
+    want = np.sqrt(((got - ref)[keep] ** 2).sum() / (ref[keep] ** 2).sum())
+    assert output_error([ref], [got], {"attention_mask": mask}) == pytest.approx(want, rel=1e-12)
+    whole = np.sqrt(((got - ref) ** 2).sum() / (ref**2).sum())
+    assert output_error([ref], [got], {"flags": mask}) == pytest.approx(whole, rel=1e-12)  # not a mask by name
+    assert output_error([ref[:, :5]], [got[:, :5]], {"attention_mask": mask}) == pytest.approx(
+        np.sqrt(((got - ref)[:, :5] ** 2).sum() / (ref[:, :5] ** 2).sum()), rel=1e-12)  # leading dims are not [B, S]
+    assert output_error([ref], [got], {"attention_mask": mask * 2}) == pytest.approx(whole, rel=1e-12)  # not 0/1
+
+
+def test_held_out_split() -> None:
+    from spa.passes.lowrank_step import HELD_OUT, held_out_split
+
+    for n in (2, 7, 32, 100):
+        fit, held = held_out_split(n, seed=0)
+        assert sorted(fit + held) == list(range(n)) and 1 <= len(held) <= HELD_OUT and len(held) == max(1, min(HELD_OUT, n // 4))
+        assert held_out_split(n, seed=0) == (fit, held)
+    assert held_out_split(1, seed=0) == ([0], [0])
+
+
+def _masked_toy(mask_name: str, S: int = 8, D: int = 16, seed: int = 0, samples: int = 8):
+    """x·A·B + mask with A = diag(s)·Q, B = Qᵀ (y = x·diag(s) + mask): 4 strong input
+    directions, 12 weak ones. Real tokens (mask 1) use the strong ones, which a rank-4
+    factorization of A keeps and pruning hidden units loses in part; padding positions are
+    large along the weak ones, which low rank drops: on the whole output pruning measures
+    better, on the real positions low rank is exact."""
+    rng = np.random.default_rng(seed)
+    s = np.array([1.0] * 4 + [0.05] * (D - 4))
+    Q, _ = np.linalg.qr(rng.normal(size=(D, D)))
+    nodes = [helper.make_node("MatMul", ["x", "A"], ["h"], name="mm1"), helper.make_node("MatMul", ["h", "B"], ["z"], name="mm2"),
+             helper.make_node("Cast", [mask_name], ["mf"], to=1, name="cast"), helper.make_node("Unsqueeze", ["mf", "ax"], ["mu"], name="unsq"),
+             helper.make_node("Add", ["z", "mu"], ["y"], name="add")]
+    proto = _model(nodes, [helper.make_tensor_value_info("x", 1, [1, S, D]), helper.make_tensor_value_info(mask_name, 7, [1, S])],
+                   {"A": (s[:, None] * Q).astype(np.float32), "B": Q.T.astype(np.float32), "ax": np.array([2], np.int64)})
+    feeds = []
+    for _ in range(samples):
+        x = np.zeros((1, S, D), np.float32)
+        x[0, :3, :4] = rng.normal(size=(3, 4))
+        x[0, 3:, 4:] = 1000 * rng.normal(size=(S - 3, D - 4))
+        m = np.zeros((1, S), np.int64)
+        m[0, :3] = 1
+        feeds.append({"x": x, mask_name: m})
+    return proto, feeds
+
+
+def test_allocator_measures_real_positions_on_held_out_calibration_samples() -> None:
+    from spa.lowrank_alloc import output_error
+
+    kw = dict(lowrank="auto", flops_target=0.8, benchmark=False)
+    proto, feeds = _masked_toy("attention_mask")
+    r = spa.prune(proto, calibration=feeds, **kw)
+    how = r.report.options["lowrank_measurement"]
+    assert "2 held-out" in how["inputs"] and "fitted on the other 6" in how["inputs"] and how["positions"].startswith("attention mask")
+    assert r.report.options["lowrank_statistics"]["positions"] == "attention mask == 1"
+    assert r.report.options["searched_ratio"] == 0.0 and r.plan.options["lowrank_ranks"]  # low rank only
+    pruned = spa.prune(proto, flops_target=0.8, benchmark=False)  # pruning alone at the same budget
+    fresh = _masked_toy("attention_mask", seed=1)[1]  # new samples, the same recipe
+    ref, lr, pr = (_session(p) for p in (proto, ir.to_proto(r.model), ir.to_proto(pruned.model)))
+    err = lambda sess: np.mean([output_error(ref.run(None, f), sess.run(None, f), f) for f in fresh])  # noqa: E731
+    assert err(lr) < 1e-3 < 0.1 < err(pr)  # the choice is the better one on the real tokens
+    # The same model without a mask input by name: every position counts, and pruning wins there.
+    proto2, feeds2 = _masked_toy("flags")
+    r2 = spa.prune(proto2, calibration=feeds2, **kw)
+    assert r2.report.options["lowrank_measurement"]["positions"] == "all"
+    tried = r2.report.options["lowrank_allocation"]["tried"]
+    assert r2.report.options["searched_ratio"] > 0.0
+    assert tried[0]["measured_error"] > tried[-1]["measured_error"]  # low rank only measures worse on the whole output

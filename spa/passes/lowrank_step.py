@@ -9,7 +9,8 @@ After surgery and the mask oracle (which proves the pruning) and after ``fold``:
    or whose SVD does not converge is left as it was, with the reason in the report;
 2. :class:`~spa.passes.lowrank.LowRankPass`; with calibration data, Gemm/MatMul layers use the
    activation-whitened SVD (E[x xᵀ] from ``spa.analysis.moments.collect`` on the model being
-   factorized);
+   factorized; over the real-token positions only where the feeds have an attention mask,
+   ``spa.lowrank_alloc.real_positions``);
 3. verification (``--verify full``): the *full-rank* factorization of the same layers must give
    the model's outputs (the oracle of the rewrite), then each truncated layer's relative output
    error ‖(W − W_r) x‖ / ‖W x + b‖ is measured on its real input x (ORT, the verification
@@ -29,18 +30,19 @@ import onnx_ir as ir
 
 from spa import io
 from spa import verify as verify_mod
-from spa.analysis.moments import collect, exposing_session
+from spa.analysis.moments import MAX_POSITIONS, collect, exposing_session
 from spa.calibration import open_calibration
 from spa.errors import UsageError
 from spa.graph import all_initializers, attr
 from spa.factorize import Layer, break_even, energy_rank, factor, find_layers, pays, round_rank, spectrum, truncation_error, weight_from_matrices, whitener
 from spa.passes.fold import _checked_swap, assert_same
+from spa.lowrank_alloc import MASK_NAMES, real_positions
 from spa.passes.lowrank import LowRankPass
 
 if TYPE_CHECKING:  # pragma: no cover
     from spa.pipeline import State
 
-__all__ = ["lowrank_step", "choose_ranks", "relative_error", "allocation_feeds", "ALLOCATION_SAMPLES"]
+__all__ = ["lowrank_step", "choose_ranks", "relative_error", "allocation_feeds", "allocation_measure", "held_out_split", "HELD_OUT"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,37 +76,137 @@ def _whiteners(s: State, layers: list[Layer], rows: dict[str, dict[str, Any]]) -
     tensors = {a[0]: a[1] for a in wanted.values() if a is not None}
     if not tensors:
         return {}
-    moments, used = collect(s.model, tensors, calib, path=s.scratch("lowrank-statistics"), max_samples=o.calibration_samples, seed=o.seed)
+    masked = _has_mask(calib)
+    if masked:
+        seconds, used = _real_second_moments(s.model, tensors, calib, s.scratch("lowrank-statistics"), o.calibration_samples, o.seed)
+    else:
+        moments, used = collect(s.model, tensors, calib, path=s.scratch("lowrank-statistics"), max_samples=o.calibration_samples, seed=o.seed)
+        seconds = {n: m.second for n, m in moments.items()}
     out = {}
     for weight, a in wanted.items():
-        m = moments.get(a[0]) if a is not None else None
-        if m is None:
+        H = seconds.get(a[0]) if a is not None else None
+        if H is None:
             continue
         try:
-            out[weight] = whitener(m.second, o.damp if o.damp > 0 else 1e-6)
+            out[weight] = whitener(H, o.damp if o.damp > 0 else 1e-6)
         except np.linalg.LinAlgError:
             rows[weight]["note"] = "E[x xᵀ] is not positive definite: plain SVD"
-    s.notes.setdefault("lowrank_statistics", {"tensors": len(tensors), "samples": used})
+    s.notes.setdefault("lowrank_statistics", {"tensors": len(tensors), "samples": used,
+                                              "positions": "attention mask == 1" if masked else "all"})
     return out
 
 
-#: Inputs the combined allocator measures its candidates on: calibration samples, else seeded.
-ALLOCATION_SAMPLES = 4
+def _has_mask(calib: Any) -> bool:
+    first = next(iter(calib), None)
+    return first is not None and any(name.lower().endswith(MASK_NAMES) for name in first)
+
+
+def _real_second_moments(model: ir.Model, tensors: Mapping[str, int], feeds: Any, path: Any, max_samples: int, seed: int) -> tuple[dict[str, np.ndarray], int]:
+    """E[x xᵀ] of each tensor over the real positions of its feed (``real_positions``: the
+    attention mask, where the tensor's leading dims are [B, S]; all positions otherwise), at
+    most ``MAX_POSITIONS`` per feed, seeded, as ``collect`` samples them. Padding positions are
+    not data: fitted to them, the factors would spend their rank on what no user reads."""
+    names = list(tensors)
+    sess = exposing_session(model, names, path)
+    rng = np.random.default_rng(seed)
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    rows: dict[str, list[np.ndarray]] = {}
+
+    def flush(name: str) -> None:  # one float32 GEMM per ~4096 positions, float64 sums across
+        x = np.concatenate(rows.pop(name))
+        sums[name] = sums.get(name, 0.0) + (x.T @ x).astype(np.float64)
+        counts[name] = counts.get(name, 0) + x.shape[0]
+
+    samples = 0
+    for feed in feeds:
+        if samples >= max_samples:
+            break
+        for name, out in zip(names, sess.run(names, dict(feed))):
+            out = np.asarray(out)
+            if out.dtype.kind != "f" or out.ndim == 0:
+                continue
+            x = np.moveaxis(out, tensors[name] % out.ndim, -1)  # [..., C]
+            keep = real_positions(feed, x.shape[:-1]) if x.ndim >= 3 else None
+            x = x[keep] if keep is not None else x.reshape(-1, x.shape[-1])  # [positions, C]
+            if x.shape[0] > MAX_POSITIONS:
+                x = x[np.sort(rng.choice(x.shape[0], MAX_POSITIONS, replace=False))]
+            rows.setdefault(name, []).append(np.asarray(x, dtype=np.float32))
+            if sum(r.shape[0] for r in rows[name]) >= 4096:
+                flush(name)
+        first = next(iter(feed.values()), None)
+        samples += int(first.shape[0]) if first is not None and np.ndim(first) else 1
+    for name in list(rows):
+        flush(name)
+    return {n: sums[n] / max(counts[n], 1) for n in sums}, samples
+
+
+#: Calibration feeds held out from the fitting to measure the allocator's candidates on: a
+#: quarter of them, at least one, at most this many.
+HELD_OUT = 8
+
+
+def held_out_split(n: int, seed: int) -> tuple[list[int], list[int]]:
+    """(fit, held out) indices of ``n`` calibration feeds: a seeded quarter held out (1 to
+    ``HELD_OUT``); with one feed there is nothing to hold out and both are ``[0]``."""
+    if n < 2:
+        return list(range(n)), list(range(n))
+    h = max(1, min(HELD_OUT, n // 4))
+    held = sorted(int(i) for i in np.random.default_rng(seed).permutation(n)[:h])
+    return [i for i in range(n) if i not in held], held
 
 
 def allocation_feeds(s: State) -> list[dict[str, np.ndarray]]:
-    """Calibration samples when given (the allocator's measurements then see real inputs),
-    else one seeded random feed (``spa.inputs``), as the verification inputs are made."""
-    import itertools
-
+    """One seeded random feed (``spa.inputs``), as the verification inputs are made: what the
+    allocator measures on without calibration data."""
     from spa.inputs import make_feeds, resolve_input_shapes
 
     o = s.options
-    calib = s.calibration or open_calibration(o.calibration, s.model, o.calibration_samples)
-    if calib is not None:
-        return list(itertools.islice(iter(calib), ALLOCATION_SAMPLES))
     shapes = resolve_input_shapes(s.model, o.input_shapes)
     return [make_feeds(s.model, shapes, seed=o.seed, values=o.input_values)]
+
+
+def allocation_measure(s: State, cg: Any, removed_at: Any) -> Any:
+    """``measure`` for the combined allocator (``spa.lowrank_alloc``), and how it measures in
+    ``s.notes["lowrank_measurement"]``.
+
+    Nothing fitted to data (no calibration, ``--compensate none``): each candidate pruned and
+    factorized on a copy, measured on one seeded input. Otherwise each candidate is built by the
+    pipeline (``spa.apply``: compensation, the whitened SVD, folding, as the result will be);
+    with calibration data, fitted on three quarters of the samples and measured on the quarter
+    held out (:func:`held_out_split`), since a fit measured on its own samples looks better than
+    it is. Outputs are compared on real positions where the feeds have an attention mask."""
+    import dataclasses
+    import itertools
+
+    from spa.lowrank_alloc import built_error_fn, output_error_fn
+
+    o = s.options
+    calib = s.calibration or open_calibration(o.calibration, s.model, o.calibration_samples)
+    if calib is None and o.compensate == "none":
+        feeds = allocation_feeds(s)
+        s.notes["lowrank_measurement"] = {"built": "pruned and factorized copy (nothing fitted)", "inputs": "one seeded random input",
+                                          "positions": _positions_note(feeds)}
+        return output_error_fn(s.model, cg, removed_at, feeds, s.scratch)
+    fit: list[dict[str, np.ndarray]] | None = None
+    if calib is None:
+        feeds = allocation_feeds(s)
+        inputs = "one seeded random input"
+    else:
+        data = list(itertools.islice(iter(calib), o.calibration_samples))
+        fit_i, held_i = held_out_split(len(data), o.seed)
+        fit, feeds = [data[i] for i in fit_i], [data[i] for i in held_i]
+        inputs = (f"{len(feeds)} held-out calibration feeds (candidates fitted on the other {len(fit)})" if fit_i != held_i
+                  else "the one calibration feed, also fitted on (nothing to hold out)")
+    options = dataclasses.replace(o, calibration=fit, verify="none", benchmark=False, target="onnx", keep_opset=False, tune_trials=0,
+                                  latency_target=None)
+    s.notes["lowrank_measurement"] = {"built": "by the pipeline (spa.apply: compensation, whitened factors, fold as requested)",
+                                      "inputs": inputs, "positions": _positions_note(feeds)}
+    return built_error_fn(s.model, cg, removed_at, feeds, s.scratch, options)
+
+
+def _positions_note(feeds: list[dict[str, np.ndarray]]) -> str:
+    return "attention mask == 1 (outputs with leading [B, S] dims)" if feeds and any(n.lower().endswith(MASK_NAMES) for n in feeds[0]) else "all"
 
 
 def choose_ranks(s: State, layers: list[Layer], whiteners: Mapping[str, np.ndarray], rows: dict[str, dict[str, Any]]) -> dict[str, int]:
@@ -156,7 +258,8 @@ def lowrank_step(s: State) -> bool:
     for row in rows.values():
         if row["weight"] in sliced:
             row["action"] = "prune"  # its channels were cut by the plan (before any factorization)
-    whiteners = _whiteners(s, layers, rows)
+    chosen = s.lowrank_ranks if s.lowrank_ranks is not None else o.lowrank_ranks
+    whiteners = _whiteners(s, [l for l in layers if chosen is None or l.weight in chosen], rows)  # given ranks: only their layers
     ranks = choose_ranks(s, layers, whiteners, rows)
     report: dict[str, Any] = {"mode": o.lowrank, "energy": o.lowrank_energy if o.lowrank == "energy" else None,
                               "whitened": sorted(w for w in ranks if w in whiteners), "layers": list(rows.values()),
