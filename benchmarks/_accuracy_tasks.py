@@ -10,6 +10,9 @@ every method). Models and splits are built once and cached under ``~/.cache/spa-
   fixed by seed), exported with the legacy exporter and ``TrainingMode.PRESERVE`` so the
   BatchNormalization nodes survive. Metric: top-1 accuracy. The torch model is kept for the
   Torch-Pruning peer (``Task.torch_model``, ``Task.export``).
+* ``digits-folded``: the same trained CNN exported with BatchNorm folded into the convs (what
+  the onnxsim peer gets): without BN statistics spa's data-free compensation runs on its
+  synthetic fallback, as on a vendor export. No peers.
 * ``ocr``: the PP-OCRv4 recognizer shipped in ``rapidocr-onnxruntime`` on text lines rendered with
   PIL (DejaVu Sans, black on white; words, numbers and random strings of ASCII letters and
   digits), rapidocr's preprocessing (resize to height 48 keeping the ratio, (x/255-0.5)/0.5,
@@ -48,7 +51,7 @@ from _common import ctc_decode, edit_distance, load_font as _font, render_line  
 log = logging.getLogger("accuracy")
 
 CACHE = pathlib.Path(os.environ.get("SPA_BENCH_CACHE", "~/.cache/spa-bench")).expanduser()
-TASKS = ("digits", "ocr", "minilm")
+TASKS = ("digits", "digits-folded", "ocr", "minilm")
 Feeds = dict[str, np.ndarray]
 
 
@@ -467,7 +470,14 @@ def minilm_task(samples: int, quick: bool = False) -> Task:
                 ("cosine_mean", "nn_agreement"), feeds, info)
 
 
-BUILDERS: dict[str, Callable[[int, bool], Task]] = {"digits": digits_task, "ocr": ocr_task, "minilm": minilm_task}
+def digits_folded_task(samples: int, quick: bool = False) -> Task:
+    t = digits_task(samples, quick)
+    folded = t.peer_models["onnxsim"][0]
+    return dataclasses.replace(t, name="digits-folded", model=folded, torch_model=None, example_input=None, export=None, peer_models={},
+                               info={**t.info, "bn_survived": False, "sha256": _file_sha(folded)})
+
+
+BUILDERS: dict[str, Callable[[int, bool], Task]] = {"digits": digits_task, "digits-folded": digits_folded_task, "ocr": ocr_task, "minilm": minilm_task}
 
 
 def build(name: str, samples: int, quick: bool = False) -> Task:

@@ -4,7 +4,8 @@
                                   [--methods spa-l1,spa-random,...] [--quick] [--json OUT]
 
 A separate command (not part of pytest), offline. Three tasks (``benchmarks/_accuracy_tasks.py``):
-a small CNN trained on scikit-learn's digits (top-1 accuracy), the PP-OCRv4 recognizer of
+a small CNN trained on scikit-learn's digits (top-1 accuracy; ``digits-folded``, not run by
+default: the same CNN exported with BatchNorm folded, for the data-free synthetic fallback), the PP-OCRv4 recognizer of
 ``rapidocr-onnxruntime`` on rendered text lines (line and character accuracy), MiniLM-L6 sentence
 embeddings (cosine to the original embeddings, nearest-neighbour agreement). Models and data
 are cached under ``~/.cache/spa-bench``.
@@ -30,6 +31,11 @@ Every row: FLOPs ratio reached (spa's cost model, ``spa.analyze(path).cost.count
 file so rows compare), the metrics, and the wall time of the pruning call (for the peers, the
 final call at the ratio found; the search is in the JSON). The calibration set (a list of
 batch-1 feed dicts from a split disjoint from the evaluation set) is the same for every method.
+
+``--synthetic KIND[:N]`` sets the data-free fallback's synthetic inputs for every spa row
+(``spa.passes.compensate.SYNTHETIC`` / ``SYNTHETIC_SAMPLES``: what an image-like input gets,
+one of ``spa.calibration.SYNTHETIC_KINDS``, and how many feeds), to compare them side by side
+with spa's default; the report's ``options.statistics.by_source`` names the kind used.
 
 Prints one markdown table; writes JSON (``--json``, default ``~/.cache/spa-bench/accuracy.json``,
 rewritten after every row).
@@ -97,6 +103,7 @@ METHODS = (
 BY_ID = {m.id: m for m in METHODS}
 LEGEND = {
     "digits": ("top-1 accuracy", ""),
+    "digits-folded": ("top-1 accuracy", ""),
     "ocr": ("line accuracy", "char accuracy"),
     "minilm": ("cosine to original", "NN agreement"),
 }
@@ -245,6 +252,9 @@ def run_spa(task: T.Task, m: Method, cut: float, out: pathlib.Path, feats: dict[
         e = meas.get(src)
         if isinstance(e, dict) and e.get("error_before") is not None and e.get("error_after") is not None:
             note += f", output error {e['error_before']:.3g} → {e['error_after']:.3g} ({src})"
+    sources = ((rj.get("options") or {}).get("statistics") or {}).get("by_source")
+    if m.compensate == "data-free" and sources:
+        note += ", statistics " + ", ".join(f"{k} {v}" for k, v in sources.items())
     if rep.warnings:
         note += f", warning: {rep.warnings[0][:80]}"
     return {"status": "ok", "time_s": round(wall, 3), "note": note, "report": slim}
@@ -595,6 +605,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds one spa or Torch-Pruning call may take before its row is marked timed out (0: none)")
     ap.add_argument("--verify", default=None, help="spa's verify option (default: spa's own)")
     ap.add_argument("--seed", type=int, default=0, help="spa's seed (the random criterion)")
+    ap.add_argument("--synthetic", default=None, metavar="KIND[:N]",
+                    help="data-free fallback's synthetic inputs for spa rows (normal, uniform, pink, leaves; N feeds); default: spa's")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--peer-timeout", type=float, default=1200, help="seconds for one onnxsim run (search + refit)")
     ap.add_argument("--json", type=pathlib.Path, default=T.CACHE / "accuracy.json")
@@ -631,6 +643,15 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             ap.error(f"unknown method(s) {bad}; choose from {', '.join(BY_ID)}")
     args.onnxsim_tasks = [t.strip() for t in args.onnxsim_tasks.split(",") if t.strip()]
+    if args.synthetic:
+        import spa.calibration
+        import spa.passes.compensate as comp
+
+        kind, _, n = args.synthetic.partition(":")
+        if kind not in spa.calibration.SYNTHETIC_KINDS or (n and not n.isdigit()):
+            ap.error(f"--synthetic KIND[:N], KIND one of {', '.join(spa.calibration.SYNTHETIC_KINDS)}")
+        comp.SYNTHETIC = kind
+        comp.SYNTHETIC_SAMPLES = int(n) if n else comp.SYNTHETIC_SAMPLES
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     t0 = time.perf_counter()
     result = run(args)

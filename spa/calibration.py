@@ -12,6 +12,11 @@ Accepted forms (a *sample* is one entry along the first axis):
 Everything is checked before ONNX Runtime sees it: names, dtypes, ranks and static dims,
 and NaN/inf, each a one-line :class:`~spa.errors.UsageError`. Feeds are produced lazily, so a
 large calibration set is never in memory at once beyond what the ``.npz`` reader maps.
+
+Without data, :func:`synthetic_feeds` makes the data-free fallback's seeded inputs: for an
+image-like input (float, 4-D NCHW or NHWC, both spatial dims ≥ 8) spatially correlated images
+(1/f "pink" noise, or "dead leaves" — random overlapping discs and rectangles of constant
+colour, Baradad et al. 2021), white noise for everything else.
 """
 
 from __future__ import annotations
@@ -25,9 +30,9 @@ import numpy as np
 import onnx_ir as ir
 
 from spa.errors import UsageError
-from spa.inputs import graph_inputs
+from spa.inputs import graph_inputs, make_feeds
 
-__all__ = ["Calibration", "LABELS", "open_calibration"]
+__all__ = ["Calibration", "LABELS", "open_calibration", "SYNTHETIC_KINDS", "image_layout", "synthetic_image", "synthetic_feeds", "synthetic_source"]
 
 #: The key of optional labels in calibration data (one per sample, stacked like the inputs):
 #: the gradient criteria's cross-entropy reads them; everything else never sees them.
@@ -163,3 +168,128 @@ def open_calibration(source: Any, model: ir.Model, samples: int | None) -> Calib
     if isinstance(source, Calibration):
         return source
     return Calibration(source, model, limit=samples)
+
+
+# ------------------------------------------------------------------------------------------
+# Synthetic inputs (no data)
+
+#: ``normal``: standard normal per element (what :func:`spa.inputs.make_feeds` draws);
+#: ``uniform``: uniform on [-1, 1] per element; ``pink``: 1/f noise (power ∝ 1/f², the
+#: spectrum of natural images) standardised per image; ``leaves``: dead-leaves images, colours
+#: on [-1, 1]. The image kinds apply to image-like inputs only; other float inputs get
+#: ``normal``, integer inputs what ``make_feeds`` draws.
+SYNTHETIC_KINDS = ("normal", "uniform", "pink", "leaves")
+#: Minimum height and width of an image-like input.
+MIN_SPATIAL = 8
+#: Channels of an image are correlated (natural RGB nearly so): each channel is ``mix`` times
+#: a shared field plus ``1 - mix`` times its own.
+CHANNEL_MIX = 0.9
+
+
+def image_layout(shape: list[int] | tuple[int, ...]) -> str | None:
+    """``"NCHW"`` or ``"NHWC"`` for an image-like 4-D shape, None otherwise. NCHW unless only
+    the last axis looks like colour channels (≤ 4) and the middle two are spatial."""
+    if len(shape) != 4:
+        return None
+    _, a, b, c = (int(d) for d in shape)
+    if b >= MIN_SPATIAL and c >= MIN_SPATIAL and (a <= 4 or c > 4):
+        return "NCHW"
+    if a >= MIN_SPATIAL and b >= MIN_SPATIAL and c <= 4:
+        return "NHWC"
+    return None
+
+
+def _pink(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """One [h, w] field with amplitude ∝ 1/f (power ∝ 1/f²), zero mean, unit variance."""
+    fy = np.fft.fftfreq(h)[:, None]
+    fx = np.fft.rfftfreq(w)[None, :]
+    f = np.sqrt(fx**2 + fy**2)
+    f[0, 0] = np.inf  # no DC: zero mean
+    spec = np.fft.rfft2(rng.standard_normal((h, w))) / f
+    x = np.fft.irfft2(spec, s=(h, w))
+    return (x - x.mean()) / max(float(x.std()), 1e-12)
+
+
+def _leaves(rng: np.random.Generator, h: int, w: int, channels: int, mix: float) -> np.ndarray:
+    """One [channels, h, w] dead-leaves image: discs and axis-aligned rectangles, sizes with
+    density ∝ r⁻³ between 1 px and half the shorter side, laid front to back until the canvas
+    is covered (at most 4000 shapes; the rest takes a last colour); colours on [-1, 1]."""
+    img = np.zeros((channels, h, w))
+    free = np.ones((h, w), dtype=bool)
+    yy, xx = np.mgrid[0:h, 0:w]
+    rmin, rmax = 1.0, max(min(h, w) / 2.0, 1.0)
+    for _ in range(4000):
+        if not free.any():
+            break
+        u = rng.random()
+        r = (rmin**-2 - u * (rmin**-2 - rmax**-2)) ** -0.5  # inverse CDF of ∝ r⁻³
+        cy, cx = rng.random() * h, rng.random() * w
+        y0, y1 = max(int(cy - r), 0), min(int(cy + r) + 1, h)
+        x0, x1 = max(int(cx - r), 0), min(int(cx + r) + 1, w)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        if rng.random() < 0.5:
+            shape = (yy[y0:y1, x0:x1] - cy) ** 2 + (xx[y0:y1, x0:x1] - cx) ** 2 <= r * r
+        else:
+            ry, rx = r * rng.uniform(0.3, 1.0), r * rng.uniform(0.3, 1.0)
+            shape = (np.abs(yy[y0:y1, x0:x1] - cy) <= ry) & (np.abs(xx[y0:y1, x0:x1] - cx) <= rx)
+        paint = shape & free[y0:y1, x0:x1]
+        colour = mix * rng.uniform(-1.0, 1.0) + (1.0 - mix) * rng.uniform(-1.0, 1.0, channels)
+        img[:, y0:y1, x0:x1][:, paint] = colour[:, None]
+        free[y0:y1, x0:x1] &= ~paint
+    if free.any():
+        img[:, free] = (mix * rng.uniform(-1.0, 1.0) + (1.0 - mix) * rng.uniform(-1.0, 1.0, channels))[:, None]
+    return img
+
+
+def synthetic_image(kind: str, shape: list[int] | tuple[int, ...], layout: str, rng: np.random.Generator, *, mix: float | None = None) -> np.ndarray:
+    """A float64 batch of ``shape`` (``layout`` NCHW or NHWC) of the image ``kind``; ``mix``
+    defaults to :data:`CHANNEL_MIX`."""
+    mix = CHANNEL_MIX if mix is None else mix
+    n, *rest = (int(d) for d in shape)
+    c, h, w = rest if layout == "NCHW" else (rest[2], rest[0], rest[1])
+    if kind == "normal":
+        out = rng.standard_normal((n, c, h, w))
+    elif kind == "uniform":
+        out = rng.uniform(-1.0, 1.0, (n, c, h, w))
+    elif kind == "pink":
+        out = np.stack([mix * _pink(rng, h, w)[None] + (1.0 - mix) * np.stack([_pink(rng, h, w) for _ in range(c)]) for _ in range(n)])
+        out = out / np.maximum(out.std(axis=(1, 2, 3), keepdims=True), 1e-12)  # per image
+    elif kind == "leaves":
+        out = np.stack([_leaves(rng, h, w, c, mix) for _ in range(n)])
+    else:
+        raise UsageError(f"synthetic inputs: unknown kind {kind!r} (one of {', '.join(SYNTHETIC_KINDS)})")
+    return out if layout == "NCHW" else out.transpose(0, 2, 3, 1)
+
+
+def synthetic_source(model: ir.Model, shapes: Mapping[str, list[int]], kind: str, values: Mapping[str, float] | None = None) -> str:
+    """The statistics' source name for :func:`synthetic_feeds` of ``kind`` on ``model``:
+    ``synthetic`` (white normal noise) or ``synthetic-KIND`` where an image input gets ``kind``."""
+    if kind == "normal":
+        return "synthetic"
+    fixed = set(values or {})
+    images = [v for v in graph_inputs(model)
+              if v.dtype is not None and v.dtype.is_floating_point() and v.name in shapes and v.name not in fixed and image_layout(shapes[v.name])]
+    return f"synthetic-{kind}" if images else "synthetic"
+
+
+def synthetic_feeds(model: ir.Model, shapes: Mapping[str, list[int]], *, kind: str, samples: int, seed: int, values: Mapping[str, float] | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """``samples`` seeded feeds (deterministic in ``seed``): :func:`spa.inputs.make_feeds`
+    with seed ``seed + 1 + k`` for feed ``k`` (so ``kind="normal"`` is exactly the white-noise
+    fallback), then every image-like float input not fixed by ``values`` replaced by a
+    ``kind`` image drawn from its own generator (seeded by ``seed``, ``k`` and the input's
+    position)."""
+    if kind not in SYNTHETIC_KINDS:
+        raise UsageError(f"synthetic inputs: unknown kind {kind!r} (one of {', '.join(SYNTHETIC_KINDS)})")
+    fixed = set(values or {})
+    inputs = graph_inputs(model)
+    for k in range(samples):
+        feed = make_feeds(model, shapes, seed=seed + 1 + k, values=values)
+        if kind != "normal":
+            for i, v in enumerate(inputs):
+                layout = image_layout(shapes.get(v.name, ())) if v.name in shapes else None
+                if v.name in fixed or layout is None or feed[v.name].dtype.kind != "f":
+                    continue
+                rng = np.random.default_rng([seed, k, i])
+                feed[v.name] = synthetic_image(kind, shapes[v.name], layout, rng).astype(feed[v.name].dtype)
+        yield feed

@@ -202,12 +202,117 @@ def test_created_bias_is_sliced_with_its_rows() -> None:
 
 
 def test_data_free_without_batchnorm_uses_synthetic_inputs_and_helps() -> None:
+    from spa.calibration import synthetic_feeds
+    from spa.passes.compensate import SYNTHETIC
+
     proto = _chain(short=True)
     plain = spa.prune(proto, ratio=0.5, benchmark=False)
     res = spa.prune(proto, ratio=0.5, benchmark=False, compensate="data-free")
-    assert set(res.report.options["statistics"]["by_source"]) == {"synthetic"}
-    test = _feeds(4, seed=5)  # the synthetic inputs' distribution: the fallback's best case
+    assert res.report.oracle["passed"]
+    assert set(res.report.options["statistics"]["by_source"]) == {f"synthetic-{SYNTHETIC}"}  # X is a [N, 4, 8, 8] image
+    # the synthetic inputs' distribution (other seeds): the fallback's best case
+    test = list(synthetic_feeds(ir.from_proto(proto), {"X": [1, 4, 8, 8]}, kind=SYNTHETIC, samples=4, seed=50))
     assert _error(proto, res.model, test) < 0.5 * _error(proto, plain.model, test)
+
+
+# -- the synthetic fallback's inputs -----------------------------------------------------------
+
+
+def test_image_layout() -> None:
+    from spa.calibration import image_layout
+
+    assert image_layout([1, 3, 48, 320]) == "NCHW"
+    assert image_layout([2, 64, 16, 16]) == "NCHW"  # a feature-map input: channels first
+    assert image_layout([1, 224, 224, 3]) == "NHWC"
+    assert image_layout([1, 3, 4, 320]) is None  # too short to be an image
+    assert image_layout([1, 16]) is None and image_layout([1, 3, 8, 8, 8]) is None
+
+
+def test_synthetic_feeds_are_deterministic_and_normal_is_the_white_noise_fallback() -> None:
+    from spa.calibration import SYNTHETIC_KINDS, synthetic_feeds
+    from spa.inputs import make_feeds
+
+    m = ir.from_proto(_chain())
+    shapes = {"X": [1, 4, 8, 8]}
+    for kind in SYNTHETIC_KINDS:
+        a = list(synthetic_feeds(m, shapes, kind=kind, samples=3, seed=7))
+        b = list(synthetic_feeds(m, shapes, kind=kind, samples=3, seed=7))
+        c = list(synthetic_feeds(m, shapes, kind=kind, samples=3, seed=8))
+        assert len(a) == 3 and all(f["X"].shape == (1, 4, 8, 8) and f["X"].dtype == np.float32 for f in a)
+        for fa, fb, fc in zip(a, b, c):
+            np.testing.assert_array_equal(fa["X"], fb["X"])
+            assert not np.array_equal(fa["X"], fc["X"])
+        assert not np.array_equal(a[0]["X"], a[1]["X"])  # each feed its own draw
+    normal = list(synthetic_feeds(m, shapes, kind="normal", samples=3, seed=7))
+    for k, f in enumerate(normal):
+        np.testing.assert_array_equal(f["X"], make_feeds(m, shapes, seed=7 + 1 + k)["X"])
+    with pytest.raises(UsageError, match="unknown kind"):
+        next(synthetic_feeds(m, shapes, kind="plaid", samples=1, seed=0))
+
+
+def _lag1(x: np.ndarray) -> float:
+    """Correlation of horizontally adjacent pixels of a [H, W] image."""
+    return float(np.corrcoef(x[:, :-1].ravel(), x[:, 1:].ravel())[0, 1])
+
+
+def test_pink_noise_has_a_one_over_f_squared_spectrum() -> None:
+    from spa.calibration import synthetic_image
+
+    x = synthetic_image("pink", [4, 3, 64, 64], "NCHW", np.random.default_rng(0))
+    np.testing.assert_allclose(x.mean(), 0.0, atol=1e-9)
+    np.testing.assert_allclose(x.std(axis=(1, 2, 3)), 1.0, rtol=1e-9)  # per image
+    # radially averaged power against frequency, fitted on a log-log scale: slope ≈ -2
+    power = np.abs(np.fft.fft2(x)) ** 2
+    f = np.hypot(*np.meshgrid(np.fft.fftfreq(64), np.fft.fftfreq(64), indexing="ij"))
+    bins = np.linspace(0.03, 0.45, 12)
+    idx = np.digitize(f, bins)
+    fm = [f[idx == i].mean() for i in range(1, len(bins))]
+    pm = [power[..., idx == i].mean() for i in range(1, len(bins))]
+    slope = np.polyfit(np.log(fm), np.log(pm), 1)[0]
+    assert -2.3 < slope < -1.7, slope
+    white = synthetic_image("normal", [1, 3, 64, 64], "NCHW", np.random.default_rng(0))
+    assert _lag1(x[0, 0]) > 0.5 > 0.1 > abs(_lag1(white[0, 0]))
+    assert np.corrcoef(x[:, 0].ravel(), x[:, 1].ravel())[0, 1] > 0.9  # channels nearly agree, as RGB does
+
+
+def test_dead_leaves_are_constant_patches_on_minus_one_one() -> None:
+    from spa.calibration import synthetic_image
+
+    x = synthetic_image("leaves", [2, 3, 32, 48], "NCHW", np.random.default_rng(1))
+    assert x.min() >= -1.0 and x.max() <= 1.0
+    same = np.mean(x[:, :, :, 1:] == x[:, :, :, :-1])  # neighbours inside one leaf are equal
+    assert same > 0.5, same
+    assert len(np.unique(x[0, 0])) > 10  # many leaves, not one colour
+    nhwc = synthetic_image("leaves", [2, 32, 48, 3], "NHWC", np.random.default_rng(1))
+    np.testing.assert_array_equal(nhwc, x.transpose(0, 2, 3, 1))
+
+
+_MLP = """
+agraph (float[N, 16] X) => (float[N, 4] Y) {
+    a = Gemm <transB = 1> (X, W1, B1)
+    b = Relu (a)
+    Y = Gemm <transB = 1> (b, W2, B2)
+}
+"""
+
+
+@pytest.mark.parametrize("kind", ["normal", "uniform", "pink", "leaves"])
+def test_every_synthetic_kind_is_named_and_passes_the_oracle(kind, monkeypatch) -> None:
+    from spa.passes import compensate as comp_mod
+
+    monkeypatch.setattr(comp_mod, "SYNTHETIC", kind)
+    res = spa.prune(_chain(short=True), ratio=0.5, benchmark=False, compensate="data-free")
+    assert res.report.oracle["passed"]
+    assert res.report.options["statistics"]["by_source"] == {"synthetic" if kind == "normal" else f"synthetic-{kind}": 1}
+    assert res.report.compensation["consumers_compensated"] == 1
+    for v in res.model.graph.initializers.values():
+        assert np.isfinite(v.const_value.numpy()).all(), v.name
+
+
+def test_a_non_image_input_keeps_the_white_noise_fallback() -> None:
+    res = spa.prune(model(_MLP, W1=(32, 16), B1=(32,), W2=(4, 32), B2=(4,)), ratio=0.5, benchmark=False, compensate="data-free")
+    assert res.report.oracle["passed"]
+    assert res.report.options["statistics"]["by_source"] == {"synthetic": 1}
 
 
 def test_dead_channels_give_finite_weights() -> None:

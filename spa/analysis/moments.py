@@ -13,8 +13,9 @@ giving a :class:`Moments`:
   through ``f`` (and max/average pooling) on a fine Gaussian quadrature grid; channels are taken as independent, so
   ``E[x xᵀ] = diag(Var) + μμᵀ``. With that H the least-squares update of the kept columns is
   zero and compensation reduces to absorbing the removed channels' mean into the bias (§4.1).
-- synthetic feeds (``collect`` on seeded standard-normal inputs): the documented fallback for
-  activations that no BatchNorm precedes (a BN folded into its conv at export).
+- synthetic feeds (``collect`` on :func:`spa.calibration.synthetic_feeds`: 1/f noise images for
+  image-like inputs, standard-normal noise for other float inputs): the documented fallback
+  for activations that no BatchNorm precedes (a BN folded into its conv at export).
 
 :func:`filter_correlation` gives the BN proxy correlations (``--data-free-method udfc``): those
 of the producing layer's filters. :class:`OriginalCache` serves the sequential calibration
@@ -48,7 +49,7 @@ class Moments:
     second: np.ndarray  # [C, C]  E[x xᵀ]
     abs_mean: np.ndarray  # [C]  E[|x|] (the ``activation`` criterion)
     count: int  # positions averaged
-    source: str  # calibration | bn-proxy | synthetic
+    source: str  # calibration | bn-proxy | synthetic[-KIND] (spa.calibration.synthetic_source)
     #: ``second`` is exactly ``diag(variance) + mean·meanᵀ`` (independent channels, the BN
     #: proxy): the refit then has a closed form (``spa.compensation``), O(rows·C), not O(C³).
     independent: bool = False

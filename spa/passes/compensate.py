@@ -4,8 +4,9 @@ Three steps over the pipeline's ``State`` (``spa.pipeline``), each small:
 
 - :func:`statistics_step` (after *analyze*): the consumer view of the analysed model and the
   moments of every activation a consumer reads — from ``--calibration`` data, or without data
-  from BatchNorm statistics, with seeded synthetic inputs for activations no BatchNorm
-  precedes. The compensation-aware and activation criteria read them too.
+  from BatchNorm statistics, with seeded synthetic inputs (1/f noise images for image inputs,
+  ``spa.calibration.synthetic_feeds``) for activations no BatchNorm precedes. The
+  compensation-aware and activation criteria read them too.
 - :func:`compensate_step` (after *snapshot*, before *prune*): a copy of the canonical model
   with the consumers repaired (``spa.compensation``) becomes the *reference* that surgery
   slices and the mask oracle proves against. With calibration data the consumers are refitted
@@ -31,11 +32,11 @@ from spa import io
 from spa import verify as verify_mod
 from spa.analysis.consumers import consumer_view
 from spa.analysis.moments import Moments, OriginalCache, bn_proxy, collect, consumer_tensors, exposing_session, filter_correlation, with_filter_correlation
-from spa.calibration import open_calibration
+from spa.calibration import open_calibration, synthetic_feeds, synthetic_source
 from spa.compensation import Compensation, compensate_model, consumers_by_weight, removed_units
 from spa.criteria import get_criterion
 from spa.errors import UsageError
-from spa.inputs import graph_inputs, make_feeds, resolve_input_shapes
+from spa.inputs import graph_inputs, resolve_input_shapes
 
 if TYPE_CHECKING:  # pragma: no cover
     from spa.pipeline import State
@@ -48,8 +49,12 @@ COMPENSATE = ("none", "data-free", "calibration")
 #: the producing layer's filters say (UDFC: a removed channel rebuilt from the kept ones it
 #: resembles); synthetic statistics keep their measured correlations.
 DATA_FREE_METHODS = ("moments", "udfc")
-#: Seeded standard-normal feeds for the data-free fallback (activations without BatchNorm).
+#: Seeded synthetic feeds for the data-free fallback (activations without BatchNorm): how many,
+#: and what an image-like input gets (``spa.calibration.SYNTHETIC_KINDS``; other float inputs
+#: get standard-normal noise). 1/f noise was measured best, and more feeds gained little for
+#: their cost (docs/compensation.md, "Synthetic inputs"). The benchmark's ``--synthetic`` sets these.
 SYNTHETIC_SAMPLES = 8
+SYNTHETIC = "pink"
 #: Calibration samples the output error is also measured on.
 ERROR_SAMPLES = 16
 
@@ -101,8 +106,9 @@ def _data_free_moments(s: State, wanted: Mapping[str, int]) -> tuple[dict[str, M
     integer = [v.name for v in graph_inputs(model) if v.dtype is not None and not v.dtype.is_floating_point()]
     if rest and not integer:
         shapes = resolve_input_shapes(model, o.input_shapes)
-        feeds = (make_feeds(model, shapes, seed=o.seed + 1 + k, values=o.input_values) for k in range(SYNTHETIC_SAMPLES))
-        found, used = collect(model, rest, feeds, path=s.scratch("statistics"), source="synthetic", seed=o.seed)
+        feeds = synthetic_feeds(model, shapes, kind=SYNTHETIC, samples=SYNTHETIC_SAMPLES, seed=o.seed, values=o.input_values)
+        source = synthetic_source(model, shapes, SYNTHETIC, o.input_values)
+        found, used = collect(model, rest, feeds, path=s.scratch("statistics"), source=source, seed=o.seed)
         moments.update(found)
     else:
         used = 0
