@@ -1,7 +1,7 @@
 """The device target (spa.kernels): what pruning and compiling each bring, tuning-database reuse,
 and CUDA compilation over the zoo.
 
-    python benchmarks/target.py [--parts resnet50,reuse,cuda,latency] [--trials 0] [--tuning-db DIR]
+    python benchmarks/target.py [--parts resnet50,reuse,cuda,latency,rounding] [--trials 0] [--tuning-db DIR]
                                 [--model resnet50] [--ratio 0.5] [--budget 10] [--arch sm_80]
 
 * ``resnet50``: the zoo's ResNet-50 (``--model``), pruned by spa at ``--ratio``; one side-by-side
@@ -11,9 +11,13 @@ and CUDA compilation over the zoo.
   (atol 1e-4, rtol 1e-3) before it is timed.
 * ``reuse``: tunes ``--reuse-model`` with ``--reuse-trials`` trials into a fresh database, then
   builds again from it: the first and second run's wall time and tasks tuned.
-* ``latency``: ``--latency-models`` pruned to 0.8 and 0.6 of their measured ORT latency by
-  ``--latency-target`` with uniform and with latency-aware (``--allocation latency``) allocation:
-  predicted and measured latency (one side-by-side run) and relative output error.
+* ``latency``: ``--latency-models`` (``ocr``, ``minilm``: the trained models of
+  benchmarks/accuracy.py; zoo names: untrained) pruned to 0.8 and 0.6 of their measured ORT
+  latency by ``--latency-target`` with uniform and with latency-aware (``--allocation latency``)
+  allocation, against a curve of uniform pruning ratios: predicted and measured latency (all
+  timed side by side in one run), relative output error, the task's metric, and the uniform
+  curve's error at each point's measured latency.
+* ``rounding``: ``--rounding-models`` pruned with ``--round-to`` 1, 8 and 16, timed side by side.
 * ``cuda``: every zoo model (models/zoo.py) imported into TVM and built for ``cuda -arch``; the
   generated CUDA C compiled ahead of time by nvcc. Count, and the failures with their op.
 
@@ -126,44 +130,120 @@ def part_cuda(args, folder: pathlib.Path) -> None:
     print(table(["model", "result", "detail"], rows))
 
 
+def _latency_model(name: str, folder: pathlib.Path):
+    """(model, input shapes, timing feeds, error feeds, task metric or None). ``ocr`` and
+    ``minilm`` are the trained models of benchmarks/accuracy.py (timed on one sample; output
+    error over 8 samples of their own kind; the task's metric on its test set); zoo names are
+    untrained exports on seeded random inputs, where the output error says less."""
+    if name in ("ocr", "minilm", "digits"):
+        from _accuracy_tasks import build
+
+        t = build(name, 8, quick=True)
+        return t.model, t.input_shapes, t.calibration[0], t.calibration, t.evaluate
+    original = _export(name, folder)
+    feeds = verify.make_inputs(verify.session(original))
+    return original, None, feeds, [feeds], None
+
+
 def part_latency(args, folder: pathlib.Path) -> None:
-    """Latency-aware allocation vs uniform at the same latency targets: predicted and measured
-    latency (all pruned models and the original timed side by side in one ORT run) and the
-    relative output error against the original on the same inputs."""
+    """Latency-aware allocation against uniform pruning *at the same measured latency*.
+
+    Uniform pruning is measured as a curve (ratios 0.1 … 0.7, plus the original at error 0);
+    each ``--latency-target`` choice (0.8× and 0.6× of the input's latency, uniform and
+    latency-aware allocation, both with the measured search) is a point. Every model is timed
+    side by side in one ORT run, so the curve and the points share the machine's state; the
+    uniform error at a point's measured latency is interpolated on the curve. The relative output
+    error is against the original on the same seeded inputs."""
     import numpy as np
 
     for name in args.latency_models.split(","):
-        original = _export(name, folder)
-        feeds = verify.make_inputs(verify.session(original))
-        want = verify.run(verify.session(original), feeds)[0]
+        original, shapes, feeds, error_feeds, evaluate = _latency_model(name, folder)
+        ref = verify.session(original)
+        want = [verify.run(ref, f)[0] for f in error_feeds]
         db = folder / f"lat-{name}"
-        base = None
-        made = []
+        kw = {"benchmark": False} | ({"input_shapes": shapes} if shapes else {})
+        probe = spa.prune(original, ratio=0.0, allocation="latency", verify="none", tuning_db=str(db), target="onnx", **kw)
+        base = probe.report.options["latency_allocation"]["measured_ms_before"]
+        curve, points = [], []
+        for ratio in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7):
+            out = folder / f"{name}-uniform-r{ratio}.onnx"  # widths rounded as --latency-target rounds them
+            r = spa.prune(original, ratio=ratio, round_to=args.round_to, verify="none", **kw)
+            r.save(out)
+            curve.append((f"uniform ratio {ratio} (round to {args.round_to})", out, "", r.report.flops_ratio))
         for frac in (0.8, 0.6):
             for allocation in ("uniform", "latency"):
-                if base is None:  # the first run measures the table; the others read it from db
-                    probe = spa.prune(original, ratio=0.0, allocation="latency", benchmark=False, verify="none", tuning_db=str(db), target="onnx")
-                    base = probe.report.options["latency_allocation"]["measured_ms_before"]
                 out = folder / f"{name}-{allocation}-{frac}.onnx"
                 try:
-                    r = spa.prune(original, latency_target=base * frac, allocation=allocation, benchmark=False, tuning_db=str(db))
+                    r = spa.prune(original, latency_target=base * frac, allocation=allocation, tuning_db=str(db), **kw)
                 except spa.errors.SpaError as e:
                     print(f"  {name} {allocation} {frac}: {e}")
                     continue
                 r.save(out)
-                got = verify.run(verify.session(out), feeds)[0]
-                err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
                 la = r.report.options["latency_allocation"]
-                made.append((f"{allocation} @ {frac:.1f}×", out, f"{la['predicted_ms_after']:.3f} / {la['measured_ms_after']:.3f} ({len(la['rounds'])})", err, r.report.flops_ratio))
-        sessions = [verify.session(original)] + [verify.session(m[1]) for m in made]
+                points.append((f"{allocation} @ {frac:.1f}× ({base * frac:.3f} ms)", out,
+                               f"{la['predicted_ms_after']:.3f} / {la['measured_ms_after']:.3f} ({len(la['rounds'])})", r.report.flops_ratio))
+        models = [original] + [c[1] for c in curve] + [p[1] for p in points]
+        sessions = [verify.session(m) for m in models]
         for sess in sessions:
             sess.run(None, dict(feeds))
         m = verify.time_side_by_side([lambda s=s: s.run(None, dict(feeds)) for s in sessions], budget_s=args.budget)
-        rows = [["original", "", f"{m.median_ms[0]:.3f}", "1.000", "0"]]
-        for (label, _, pred, err, flops), med in zip(made, m.median_ms[1:]):
-            rows.append([label, pred, f"{med:.3f}", f"{flops:.3f}", f"{err:.4f}"])
-        print(f"\nlatency-aware allocation, {name} (ORT; table measured once: base {base:.3f} ms)")
-        print(table(["allocation @ target", "search: predicted / measured ms (rounds)", "measured ms, side by side", "FLOPs ratio", "rel. output error"], rows))
+        errors = [float(np.mean([np.linalg.norm(verify.run(sess, f)[0] - w) / np.linalg.norm(w) for f, w in zip(error_feeds, want)]))
+                  for sess in sessions]
+        metrics = [evaluate(path) if evaluate else {} for path in models]
+        ms = m.median_ms
+        # The uniform curve as error against measured latency; at a point's latency the least
+        # error uniform reaches there (a faster uniform model with less error also counts).
+        cx = np.array(ms[: 1 + len(curve)])
+        cy = np.array(errors[: 1 + len(curve)])
+
+        def uniform_error_at(latency_ms: float) -> float | None:
+            if latency_ms < cx.min():
+                return None  # faster than any uniform model measured
+            order = np.argsort(cx)
+            interp = float(np.interp(latency_ms, cx[order], cy[order]))
+            return min([interp] + [float(e) for x, e in zip(cx, cy) if x <= latency_ms])
+
+        def shown(i: int) -> str:
+            return " / ".join(f"{v:.3f}" for v in metrics[i].values())
+
+        rows = [["original", "", f"{ms[0]:.3f}", "1.000", "0", shown(0), "", ""]]
+        for i, ((label, _, _, flops), med, err) in enumerate(zip(curve, ms[1:], errors[1:]), start=1):
+            rows.append([label, "", f"{med:.3f}", f"{flops:.3f}", f"{err:.4f}", shown(i), "", ""])
+        wins = 0
+        for i, ((label, _, pred, flops), med, err) in enumerate(zip(points, ms[1 + len(curve):], errors[1 + len(curve):]), start=1 + len(curve)):
+            ref = uniform_error_at(med)
+            won = ref is None or err < ref
+            wins += won and label.startswith("latency")
+            rows.append([label, pred, f"{med:.3f}", f"{flops:.3f}", f"{err:.4f}", shown(i), "—" if ref is None else f"{ref:.4f}", "yes" if won else "no"])
+        print(f"\nlatency-aware allocation, {name} (ORT; table measured once: base {base:.3f} ms; {len(m.median_ms)} models side by side, budget {args.budget} s)")
+        print(table(["model", "search: predicted / measured ms (rounds)", "measured ms, side by side", "FLOPs ratio", "rel. output error",
+                     " / ".join(metrics[0]) or "task metric", "uniform curve's error at that latency", "less error"], rows))
+        print(f"  latency-aware points with less error than uniform at the same measured latency: {wins} of {sum(p[0].startswith('latency') for p in points)}")
+
+
+def part_rounding(args, folder: pathlib.Path) -> None:
+    """Why ``--latency-target`` rounds kept widths to 8 on ONNX Runtime: each zoo model in
+    ``--rounding-models`` pruned at ratios 0.1 and 0.3 with ``--round-to`` 1, 8 and 16, all
+    timed side by side with the original in one ORT run."""
+    for name in args.rounding_models.split(","):
+        original = _export(name, folder)
+        feeds = verify.make_inputs(verify.session(original))
+        labels, paths = ["original"], [original]
+        for ratio in (0.1, 0.3):
+            for round_to in (1, 8, 16):
+                r = spa.prune(original, ratio=ratio, round_to=round_to, benchmark=False, verify="none")
+                out = folder / f"{name}-r{ratio}-to{round_to}.onnx"
+                r.save(out)
+                labels.append((ratio, round_to, r.report.flops_ratio))
+                paths.append(out)
+        sessions = [verify.session(x) for x in paths]
+        for sess in sessions:
+            sess.run(None, dict(feeds))
+        m = verify.time_side_by_side([lambda s=s: s.run(None, dict(feeds)) for s in sessions], budget_s=args.budget)
+        rows = [["original", "", "1.000", f"{m.median_ms[0]:.3f}", "1.00×"]]
+        rows += [[f"ratio {r}", str(t), f"{f:.3f}", f"{med:.3f}", f"{m.median_ms[0] / med:.2f}×"] for (r, t, f), med in zip(labels[1:], m.median_ms[1:])]
+        print(f"\nkept widths rounded to 1 / 8 / 16 on ONNX Runtime, {name} (one side-by-side run, budget {args.budget} s)")
+        print(table(["model", "--round-to", "FLOPs ratio", "median ms", "speedup"], rows))
 
 
 def main() -> int:
@@ -177,12 +257,14 @@ def main() -> int:
     p.add_argument("--reuse-model", default="resnet")
     p.add_argument("--reuse-trials", type=int, default=16)
     p.add_argument("--arch", default="sm_80")
-    p.add_argument("--latency-models", default="mobilenetv2,resnet")
+    p.add_argument("--latency-models", default="ocr,resnet50")
+    p.add_argument("--rounding-models", default="resnet50,mobilenetv2,resnet")
+    p.add_argument("--round-to", type=int, default=8, help="the uniform curve's rounding (--latency-target's default)")
     args = p.parse_args()
     folder = pathlib.Path(tempfile.mkdtemp(prefix="spa-target-"))
     try:
         for part in args.parts.split(","):
-            {"resnet50": part_resnet50, "reuse": part_reuse, "cuda": part_cuda, "latency": part_latency}[part](args, folder)
+            {"resnet50": part_resnet50, "reuse": part_reuse, "cuda": part_cuda, "latency": part_latency, "rounding": part_rounding}[part](args, folder)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return 0

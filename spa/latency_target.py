@@ -24,7 +24,7 @@ from typing import Any
 from spa.analysis import latency as lut
 from spa.errors import UsageError
 
-__all__ = ["LatencyModel", "prepare"]
+__all__ = ["LatencyModel", "prepare", "search"]
 
 
 @dataclasses.dataclass
@@ -90,7 +90,7 @@ def measure_removed(s: Any, model: LatencyModel, removed) -> float:
     from spa.planning import build_plan
 
     pruned = ir.from_proto(ir.to_proto(s.model))
-    PrunePass(build_plan(s.model, s.analysis.channels, removed))(pruned)
+    PrunePass(build_plan(s.model, s.analysis.channels, removed, fingerprints=False))(pruned)
     feeds = feeds_for(s.model, s.options)
     if model.base_runner is None:
         base_path = s.scratch("latency-base")
@@ -135,3 +135,65 @@ def prepare(s: Any) -> LatencyModel:
             table.entries[key] = base
     table.save()
     return LatencyModel(runtime, float(base), table, layers, time.perf_counter() - started)
+
+
+#: A measured latency this close to the target is taken: below by at most ``UNDER`` (pruning
+#: more than asked for costs accuracy), above by at most ``OVER`` (the noise of one
+#: side-by-side measurement).
+UNDER, OVER = 0.05, 0.02
+
+
+def search(s: Any, model: LatencyModel, size_at: Callable[[float], Any], removed_at: Callable[[float], Any], rounds: int = 4) -> float:
+    """The least pruning ratio whose *measured* latency meets ``--latency-target``.
+
+    The table only places the first guess: per-layer runs over- or under-credit a narrower
+    layer (memory traffic, fusions, and in transformers the Softmax/LayerNorm time that also
+    shrinks with the heads) by tens of percent, both ways. Each round measures the guess side by
+    side with the input (:func:`measure_removed`), and the next guess interpolates the measured
+    latency against the ratio between the nearest measured points on either side of the target
+    (the input itself is the point at ratio 0), extrapolating while none is below. The result
+    is the smallest measured ratio that meets the target, else the fastest one measured, with a
+    warning. Where the table says the target is out of reach, the first guess is the most the
+    allocation removes, and only a measurement refuses."""
+    from spa.allocate import search_target
+
+    target = s.options.latency_target
+    if target >= model.base_ms:
+        s.notes["latency_allocation"].update(predicted_ms_after=round(model.base_ms, 4), measured_ms_after=round(model.base_ms, 4), rounds=[])
+        return 0.0
+    first = search_target(lambda r: model.predict(size_at(r)), target)
+    most = search_target(lambda r: model.predict(size_at(r)), 0.0).ratio  # the table's floor: removing more changes nothing
+    ratio, points, history = first.ratio, [(0.0, model.base_ms)], []
+    for _ in range(rounds):
+        measured = measure_removed(s, model, removed_at(ratio))
+        points.append((ratio, measured))
+        history.append({"ratio": round(ratio, 4), "predicted_ms": round(model.predict(size_at(ratio)), 4), "measured_ms": round(measured, 4)})
+        if target * (1 - UNDER) <= measured <= target * (1 + OVER):
+            break
+        meets = [p for p in points if p[1] <= target * (1 + OVER)]
+        if not meets:
+            if ratio >= most - 1e-6:
+                break  # nothing more to remove
+            r0, m0 = max(points, key=lambda p: p[0])
+            slope = (model.base_ms - m0) / r0 if r0 > 0 and model.base_ms > m0 else 0.0
+            nxt = min(most, r0 + (m0 - target) / slope) if slope > 0 else most
+            nxt = max(nxt, min(most, r0 + 0.02))
+        else:
+            hi = min(meets, key=lambda p: p[0])  # the least pruning known to meet the target
+            lo = max((p for p in points if p[0] < hi[0] and p[1] > target * (1 + OVER)), key=lambda p: p[0], default=points[0])
+            nxt = lo[0] + (hi[0] - lo[0]) * (lo[1] - target) / max(lo[1] - hi[1], 1e-9)
+            nxt = min(max(nxt, lo[0]), hi[0])
+        if any(abs(nxt - p[0]) < 1e-3 for p in points):
+            break  # the interpolation asks for a ratio already measured
+        ratio = nxt
+    meets = [p for p in points[1:] if p[1] <= target * (1 + OVER)]
+    chosen = min(meets, key=lambda p: p[0]) if meets else min(points[1:], key=lambda p: p[1])
+    s.notes["latency_allocation"].update(predicted_ms_after=round(model.predict(size_at(chosen[0])), 4), measured_ms_after=round(chosen[1], 4),
+                                         rounds=history)
+    if not meets:
+        if not first.met:
+            raise UsageError(f"--latency-target {target} ms is out of reach: the most this allocation removes measured "
+                             f"{chosen[1]:.3f} ms (the input: {model.base_ms:.3f} ms on {model.runtime})")
+        s.warnings.append(f"--latency-target {target} ms: the fastest choice measured {chosen[1]:.3f} ms after {len(history)} rounds "
+                          f"(the table predicted {model.predict(size_at(chosen[0])):.3f} ms): latency here does not follow the pruned widths")
+    return chosen[0]

@@ -36,7 +36,7 @@ from spa.allocate import allocate, search_target
 from spa.analysis.channels import ChannelGraph, analyze_channels
 from spa.analysis.cost import Cost, CostModel
 from spa.criteria import CriterionInputs, get_criterion, score_groups
-from spa.errors import PlanMismatchError, UsageError
+from spa.errors import PlanMismatchError, UnsupportedError, UsageError
 from spa.graph import add_note, all_initializers, notes as model_notes
 from spa.compensation import DAMP
 from spa.passes import compensate as compensate_mod
@@ -351,7 +351,8 @@ def _allocate(s: State) -> bool:
 
     ratio = o.ratio
     if o.latency_target is not None:
-        ratio = _search_latency(s, lat, lambda r: _size_fn(cg, removed_at(r)), removed_at)
+        ratio = latency_target.search(s, lat, lambda r: _size_fn(cg, removed_at(r)), removed_at)
+        s.notes["searched_ratio"] = ratio
     if o.lowrank == "auto" and o.lowrank_ranks is None:
         return _allocate_combined(s, removed_at)
     if o.flops_target is not None:
@@ -367,35 +368,6 @@ def _allocate(s: State) -> bool:
     return False
 
 
-def _search_latency(s: State, lat: Any, size_at: Callable[[float], Any], removed_at: Callable[[float], dict[str, np.ndarray]]) -> float:
-    """The ratio whose *measured* latency meets --latency-target: search on the table's
-    prediction, measure the choice (``latency_target.measure_removed``), and where the table was
-    optimistic search again with the goal lowered by target/measured (3 rounds at most). The
-    first choice that measures within 2 % of the target is taken, else the fastest measured."""
-    target, goal, rounds, best = s.options.latency_target, s.options.latency_target, [], None
-    for _ in range(3):
-        found = search_target(lambda r: lat.predict(size_at(r)), goal)
-        if not found.met:
-            if best is None:
-                raise UsageError(f"--latency-target {target} ms is out of reach: the most this allocation removes is predicted "
-                                 f"to run in {found.reached:.3f} ms (the input: {lat.base_ms:.3f} ms on {lat.runtime})")
-            break  # a lowered goal beyond the table's floor: keep what was measured
-        measured = latency_target.measure_removed(s, lat, removed_at(found.ratio))
-        rounds.append({"ratio": round(found.ratio, 4), "predicted_ms": round(found.reached, 4), "measured_ms": round(measured, 4)})
-        if best is None or measured < best[1] or measured <= target * 1.02:
-            best = (found, measured)
-        if measured <= target * 1.02:  # within the noise of one side-by-side measurement
-            break
-        goal *= target / measured
-    found, measured = best
-    s.notes["searched_ratio"] = found.ratio
-    s.notes["latency_allocation"].update(predicted_ms_after=round(found.reached, 4), measured_ms_after=round(measured, 4), rounds=rounds)
-    if measured > target * 1.02:
-        s.warnings.append(f"--latency-target {target} ms: the fastest choice measured {measured:.3f} ms after {len(rounds)} rounds "
-                          f"(the table predicted {found.reached:.3f} ms): latency here does not follow the pruned widths")
-    return found.ratio
-
-
 def _allocate_combined(s: State, removed_at: Callable[[float], dict[str, np.ndarray]]) -> bool:
     """--lowrank auto: prune ratio and per-layer ranks together (``spa.lowrank_alloc``); the
     ranks become an option, so the plan records them and ``spa apply`` replays them."""
@@ -409,9 +381,7 @@ def _allocate_combined(s: State, removed_at: Callable[[float], dict[str, np.ndar
     alone = search_target(lambda r: getattr(cost.count(_size_fn(cg, removed_at(r))), figure) / base, target)
     measure = None
     if o.verify != "none":  # check the best estimates and both single methods in ORT, keep the least measured error
-        from spa.lowrank_alloc import output_error_fn
-
-        measure = output_error_fn(s.model, cg, removed_at, lowrank_mod.allocation_feeds(s), s.scratch)
+        measure = lowrank_mod.allocation_measure(s, cg, removed_at)  # built as the result will be; held-out calibration samples
     choice = allocate_combined(s.model, cg, cost, removed_at, lambda rem: _size_fn(cg, rem), target=target, figure=figure,
                                round_to=o.round_to, prune_ratio=alone.ratio, measure=measure)
     s.removed = removed_at(choice.ratio)
@@ -439,6 +409,15 @@ def _check_plan(s: State) -> bool:
 def _snapshot(s: State) -> bool:
     """Write the canonical model (the reference of every later comparison) and, when ORT is
     needed, make the verification inputs and fail fast if ORT can't run the input."""
+    foreign = _foreign_ops(s)
+    if foreign:  # custom-domain ops: ORT has no kernel, so the oracle cannot run
+        ops = ", ".join(foreign)
+        if s.options.verify == "full":
+            raise UnsupportedError(f"{s.source_desc}: ONNX Runtime has no kernel for the custom op {ops}, so the pruned model "
+                                   "cannot be checked against the original (--verify full); --verify check (ONNX checker only) "
+                                   "or --verify none prunes it, the custom op's channels frozen")
+        add_note(s.analysis.model, f"custom op {ops}: no channel rule, so its channels are frozen; ONNX Runtime has no kernel "
+                                   f"for it, so the pruned model was not run (no oracle, no latency; --verify {s.options.verify})")
     s.snapshot_path = s.scratch("original")
     io.save_model(s.model, s.snapshot_path, durable=False)
     if _needs_ort(s):
@@ -544,7 +523,12 @@ def _module_path(s: State) -> pathlib.Path:
 
 
 def _needs_ort(s: State) -> bool:
-    return s.options.verify == "full" or s.options.benchmark
+    return (s.options.verify == "full" or s.options.benchmark) and not _foreign_ops(s)
+
+
+def _foreign_ops(s: State) -> list[str]:
+    """The input's custom-domain ops (``io.foreign_ops``), once analysed; ORT cannot run them."""
+    return io.foreign_ops(s.analysis.model) if s.analysis is not None else []
 
 
 def default_steps(*, mode: str = "prune") -> list[Step]:
@@ -590,7 +574,8 @@ def default_steps(*, mode: str = "prune") -> list[Step]:
         Step("lowrank", lowrank_mod.lowrank_step, "factorize layers where it pays (SVD; rank by energy or the allocator); full-rank oracle, per-layer and model output error",
              when=lambda s: o(s).lowrank != "none", skip_reason=lambda s: "--lowrank none"),
         Step("benchmark", _benchmark, "ORT latency of the input and the pruned model, side by side",
-             when=lambda s: o(s).benchmark, skip_reason=lambda s: "--no-bench"),
+             when=lambda s: o(s).benchmark and not _foreign_ops(s),
+             skip_reason=lambda s: "--no-bench" if not o(s).benchmark else "ONNX Runtime has no kernel for the custom ops"),
         Step("compile", emit_mod.compile_step, "--target: build the pruned model with TVM (tuned with --tune-trials), check it against ORT, time both",
              when=lambda s: emit_mod.wants_module(o(s)), skip_reason=lambda s: "--target onnx (the default)"),
         Step("restore-opset", _restore_opset, "--keep-opset: convert the output back to the input's opset 7–10 (checked in ONNX Runtime)",

@@ -235,6 +235,32 @@ def test_tuning_database_is_reused(tmp_path: pathlib.Path) -> None:
         np.testing.assert_allclose(from_built(b).run(None, feeds)[0], expected, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
+def test_tuned_module_runs_its_tuned_schedules(tmp_path: pathlib.Path) -> None:
+    """The build applies the database's schedules. It once fused the module twice, matched no
+    record, and fell back to default schedules without a word: tuned ran as slow as untuned
+    (a 64-channel 3×3 conv here: about 120 ms either way, 4 ms with its record applied)."""
+    from onnx import numpy_helper
+
+    from spa.kernels.runtime import from_built
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((64, 64, 3, 3)).astype(np.float32), "W")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["y"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["y"], ["z"])], "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 56, 56])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 64, 56, 56])], [w])
+    model = tmp_path / "conv.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
+    feeds = _feeds(model)
+    untuned = from_built(build(model, parse_target("llvm"), feeds))
+    tuned = from_built(build(model, parse_target("llvm"), feeds, tuning=Tuning(tmp_path / "db", trials=8)))
+    runners = [untuned.timer(feeds), tuned.timer(feeds)]
+    for r in runners:
+        r()
+    m = verify.time_side_by_side(runners, budget_s=1.0)
+    assert m.median_ms[1] < 0.5 * m.median_ms[0], m.median_ms
+
+
 # -- RPC on loopback --------------------------------------------------------------------------
 
 
@@ -352,15 +378,30 @@ def test_latency_target_is_met_as_predicted_and_the_table_is_reused(tmp_path: pa
         la = r.report.options["latency_allocation"]
         assert la["shapes_measured_now"] == 0  # every layer shape came from the cache
         assert la["predicted_ms_after"] <= base * 0.8 and r.report.flops_ratio < 1.0
-        # the choice was measured (side by side with the input, in ORT) and searched again while above target
-        assert 1 <= len(la["rounds"]) <= 3 and la["measured_ms_after"] in [x["measured_ms"] for x in la["rounds"]]
-        assert all(x["measured_ms"] > base * 0.8 * 1.02 for x in la["rounds"][:-1])
+        # the choice was measured (side by side with the input, in ORT) and searched again while
+        # outside the target's window; what is taken meets the target
+        assert 1 <= len(la["rounds"]) <= 4 and la["measured_ms_after"] in [x["measured_ms"] for x in la["rounds"]]
+        window = (base * 0.8 * (1 - latency_target.UNDER), base * 0.8 * (1 + latency_target.OVER))
+        assert not any(window[0] <= x["measured_ms"] <= window[1] for x in la["rounds"][:-1])
+        assert la["measured_ms_after"] <= window[1] or r.report.warnings
         assert r.report.oracle["max_abs_diff"] <= 1e-4
         assert r.plan.options["latency_target"] == pytest.approx(base * 0.8)
     with pytest.raises(UsageError, match="out of reach"):
         spa.prune(DEMO, latency_target=base * 1e-6, benchmark=False, verify="none", tuning_db=str(db))
     with pytest.raises(UsageError, match="one"):
         spa.prune(DEMO, latency_target=1.0, flops_target=0.5, benchmark=False, verify="none")
+
+
+def test_latency_objective_rounds_widths_to_what_ort_runs_fast() -> None:
+    from spa.passes.emit import ORT_ROUND_TO, default_round_to
+    from spa.pipeline import PruneOptions as Options
+
+    assert default_round_to(Options()) == 1  # the ratio's shapes, as Torch-Pruning makes them
+    assert default_round_to(Options(allocation="latency")) == ORT_ROUND_TO == 8
+    assert default_round_to(Options(latency_target=5.0)) == ORT_ROUND_TO
+    o = Options(latency_target=5.0, round_to=1)
+    o.validate()
+    assert o.round_to == 1  # an explicit --round-to wins
 
 
 def test_latency_weighting_prefers_groups_that_save_more() -> None:

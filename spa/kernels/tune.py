@@ -1,10 +1,12 @@
 """MetaSchedule tuning with a database reused across runs and models.
 
-Tasks (one per distinct fused kernel) are extracted from the model; a task whose workload
-already has a measured record in ``--tuning-db`` is not tuned again, so a second run of the
-same model — or a pruned model that shares layer shapes with one tuned before — only builds.
-The rest are tuned one task at a time (for a progress bar that means something) with the trial
-budget split by task weight. The database folder carries a ``spa-tuning.json`` naming the TVM
+Tasks (one per distinct fused kernel) are extracted from the model, and the trial budget is
+split among them by their share of the model's FLOPs. A task the database already holds its
+share of trials for is not tuned again, so a second run of the same model — or a pruned model
+that shares layer shapes with one tuned before — only builds; a larger budget tops the tasks
+up from their best records. The rest are tuned one task at a time (for a progress bar that
+means something), with MetaSchedule's evolutionary search and XGBoost cost model
+(``xgboost-cpu`` comes with ``spa[tvm]``). The database folder carries a ``spa-tuning.json`` naming the TVM
 version that wrote it: records of another version are refused rather than silently misread.
 """
 
@@ -67,15 +69,26 @@ def open_database(folder: str | os.PathLike):
         raise TuningDatabaseError(f"--tuning-db {folder}: cannot read its records ({first_line(e)})") from None
 
 
-def _lower(mod, tgt):
-    """Lower Relax to PrimFuncs the way MetaSchedule expects (the static-shape pipeline's start)."""
+def _prepare(mod, tgt):
+    """The Relax module as ``compile_relax`` takes it: decomposed for inference, not yet fused.
+    ``compile_relax`` legalises and fuses it itself and then looks each fused PrimFunc up in the
+    database; handing it an already fused module fuses twice, no record matches, and the build
+    silently falls back to default schedules (tuned ResNet-50 measured as slow as untuned)."""
     import tvm
     from tvm import relax
 
     with tgt:
-        return tvm.transform.Sequential(
-            [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(), relax.get_pipeline("zero")]
-        )(mod)
+        return tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings()])(mod)
+
+
+def _lower(prepared, tgt):
+    """Fused PrimFuncs the way MetaSchedule extracts tasks (the static-shape pipeline's start),
+    which are the functions ``compile_relax`` makes of ``prepared``."""
+    import tvm
+    from tvm import relax
+
+    with tgt:
+        return relax.get_pipeline("zero")(prepared)
 
 
 def _search():
@@ -100,14 +113,55 @@ def _has_record(db, task, tgt) -> bool:
     return db.query_tuning_record(task.dispatched[0], tgt, task.task_name) is not None
 
 
+def _cost(task) -> float:
+    """How much of the model's time a task is likely to be: its FLOPs times how often it runs
+    (one unit for a kernel without arithmetic, such as a reshape)."""
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    try:
+        flops = float(estimate_tir_flops(task.dispatched[0]))
+    except Exception:  # noqa: BLE001 - an op the estimator does not know
+        flops = 0.0
+    return max(flops, 1.0) * task.weight
+
+
 def _budgets(tasks, trials: int) -> list[int]:
-    """Trials per task, by weight (how often the kernel runs), at least one batch each."""
-    total = sum(t.weight for t in tasks) or 1
-    return [max(8, math.ceil(trials * t.weight / total)) for t in tasks]
+    """Trials per task for the whole model's budget, by share of the model's FLOPs (a 7×7 conv
+    run once needs more search than a cheap 1×1 conv run six times), at least one batch each."""
+    costs = [_cost(t) for t in tasks]
+    total = sum(costs) or 1.0
+    return [max(8, math.ceil(trials * c / total)) for c in costs]
+
+
+def _records(db, task, tgt) -> int:
+    """Measured records the database holds for the task (about the trials once spent on it)."""
+    if not _has_record(db, task, tgt):
+        return 0
+    return len(db.get_top_k(db.commit_workload(task.dispatched[0]), 1 << 20))
+
+
+def _task_key(task, tgt) -> str:
+    from tvm_ffi import structural_hash
+
+    return f"{tgt}|{task.task_name}|{structural_hash(task.dispatched[0])}"
+
+
+def _spent(folder: pathlib.Path) -> dict[str, int]:
+    """Trials already spent per task (target, name, structural hash), kept in the marker: a
+    budget the database already holds is not tuned again, a larger one tops it up."""
+    return dict(json.loads((folder / MARKER).read_text()).get("trials", {}))
+
+
+def _record_spent(folder: pathlib.Path, key: str, trials: int) -> None:
+    marker = folder / MARKER
+    data = json.loads(marker.read_text())
+    data.setdefault("trials", {})[key] = trials
+    marker.write_text(json.dumps(data, indent=1) + "\n")
 
 
 def tune_and_build(mod, tgt, tuning: Tuning) -> tuple[Any, dict[str, Any]]:
-    """Tune what the database lacks, then build from it. Returns (executable, info)."""
+    """Tune what the database lacks (tasks never tuned, or tuned with fewer trials than this
+    budget gives them), then build from it. Returns (executable, info)."""
     import tvm.s_tir.meta_schedule as ms
     from tvm.s_tir.meta_schedule.relax_integration import (
         compile_relax,
@@ -119,26 +173,36 @@ def tune_and_build(mod, tgt, tuning: Tuning) -> tuple[Any, dict[str, Any]]:
     from spa.kernels._worker import fast_build
 
     db = open_database(tuning.database)
-    lowered = _lower(mod, tgt)
+    prepared = _prepare(mod, tgt)
+    lowered = _lower(prepared, tgt)
     tasks = extract_tasks(lowered, tgt)
-    todo = [t for t in tasks if not _has_record(db, t, tgt)] if tuning.trials > 0 else []
+    folder = pathlib.Path(tuning.database)
+    spent = _spent(folder)
+    todo = []  # (task, key, trials spent so far, this run's budget for it)
+    if tuning.trials > 0:
+        for task, budget in zip(tasks, _budgets(tasks, tuning.trials)):
+            key = _task_key(task, tgt)
+            done = spent[key] if key in spent else _records(db, task, tgt)  # records from before spa counted trials
+            if budget - done >= 8:  # less than one batch short: what is there will do
+                todo.append((task, key, done, budget))
     strategy, cost_model = _search()
     started = time.perf_counter()
-    for i, (task, budget) in enumerate(zip(todo, _budgets(todo, tuning.trials))):
+    for i, (task, key, done, budget) in enumerate(todo):
         if tuning.progress:
             tuning.progress(task.task_name, i, len(todo))
         contexts, weights = extracted_tasks_to_tune_contexts([task], work_dir=str(tuning.database), strategy=strategy, seed=tuning.seed)
         runner = tuning.rpc.runner() if tuning.rpc is not None else ms.runner.LocalRunner()
         _quiet_console()
         tune_tasks(
-            tasks=contexts, task_weights=weights, work_dir=str(tuning.database), max_trials_global=budget,
-            num_trials_per_iter=min(budget, 16), builder=ms.builder.LocalBuilder(max_workers=os.cpu_count() or 1, f_build=fast_build),
+            tasks=contexts, task_weights=weights, work_dir=str(tuning.database), max_trials_global=budget - done,
+            num_trials_per_iter=min(budget - done, 16), builder=ms.builder.LocalBuilder(max_workers=os.cpu_count() or 1, f_build=fast_build),
             runner=runner, database=db, cost_model=cost_model,
         )
+        _record_spent(folder, key, budget)  # after each task: an interrupted run resumes from here
     if tuning.progress and todo:
         tuning.progress("", len(todo), len(todo))
     tune_s = time.perf_counter() - started
-    executable = compile_relax(db, lowered, tgt, params=None)
+    executable = compile_relax(db, prepared, tgt, params=None)
     info = {
         "database": str(tuning.database),
         "tasks": len(tasks),

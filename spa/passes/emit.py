@@ -38,10 +38,22 @@ def validate_options(options: Any) -> None:
                 raise UsageError(f"{flag} needs --target (llvm, cuda, …)" + (" or latency allocation" if name == "tuning_db" else ""))
 
 
+#: Kept channels are rounded to this when the ONNX file's *latency* is the objective
+#: (``--latency-target`` / ``--allocation latency`` without ``--target``): ONNX Runtime's CPU
+#: kernels block channels by 8 or 16, and widths off those blocks leave their fast paths —
+#: measured here (docs/target.md, "Rounding"), ResNet-50 at ratio 0.3 ran 47.9 ms with widths
+#: rounded to 1 and 34.9 ms rounded to 8, MobileNetV2 at ratio 0.1 ran 2× *slower* than the
+#: original with widths rounded to 1. 8 is also what GPU tensor cores want.
+ORT_ROUND_TO = 8
+
+
 def default_round_to(options: Any) -> int:
-    """``--round-to`` when not given: 1 for the ONNX file, the target's vector width otherwise."""
+    """``--round-to`` when not given: the target's vector width with ``--target``; for the ONNX
+    file 1 (shapes as the ratio says, as Torch-Pruning gives them), or :data:`ORT_ROUND_TO`
+    when latency is the objective."""
     if not wants_module(options):
-        return 1
+        latency_objective = getattr(options, "latency_target", None) is not None or getattr(options, "allocation", None) == "latency"
+        return ORT_ROUND_TO if latency_objective else 1
     from spa.kernels.target import parse_target, vector_width
 
     return vector_width(parse_target(options.target))
