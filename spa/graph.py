@@ -78,7 +78,14 @@ def subgraphs(node: ir.Node) -> list[ir.Graph]:
 def has_subgraphs(graph: ir.Graph) -> bool:
     """Whether any node of ``graph`` holds a body (If/Loop/Scan)."""
     graph_types = (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
-    return any(a.type in graph_types for node in graph if node.attributes for a in node.attributes.values())
+    for node in graph:
+        attrs = node.attributes
+        # ``Attributes`` is a ``UserDict``: its ``data`` dict answers without a Python-level
+        # ``__len__``/``values()`` per node (this runs several times per load on every node).
+        for a in getattr(attrs, "data", attrs).values():
+            if a.type in graph_types:
+                return True
+    return False
 
 
 def all_nodes(graph: ir.Graph) -> list[ir.Node]:

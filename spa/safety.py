@@ -169,6 +169,8 @@ def _graphs(model: onnx.ModelProto) -> Iterator[tuple[onnx.GraphProto, tuple[fro
         yield graph, outer
         inner: tuple[frozenset[str], ...] | None = None
         for node in graph.node:
+            if not node.attribute:  # no generator to start for a node without attributes
+                continue
             for sub in _subgraphs(node):
                 if inner is None:
                     inner = (*outer, _defined(graph))
@@ -486,6 +488,8 @@ def _check_values(graph: onnx.GraphProto, where: str) -> None:
 def _reads(node: onnx.NodeProto) -> Iterator[str]:
     """The node's inputs, then every name its subgraphs read (outer-scope captures among them)."""
     yield from node.input
+    if not node.attribute:
+        return
     stack = list(_subgraphs(node))
     while stack:
         sub = stack.pop()

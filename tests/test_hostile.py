@@ -1006,3 +1006,99 @@ def test_100k_identity_chain_is_analysed(tmp_path: pathlib.Path) -> None:
     model = _identity_chain(100_000)(d)
     analysis = spa.pipeline.analyze(str(model))
     assert len(analysis.model.graph) >= 100_000
+
+
+# --------------------------------------------------------------------------------------------
+# scale: the shortcuts that keep the 100 000-node chain fast give the slow paths' results
+# --------------------------------------------------------------------------------------------
+
+
+def _dce_models() -> list[onnx.ModelProto]:
+    """Graphs for ``RemoveUnusedNodesPass``'s cases: nothing to remove, a dead node, an unused
+    optional output (Dropout's mask), a trailing empty input, a BatchNormalization, an unused
+    initializer, and a graph output that is also read by a node."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 3, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    z = helper.make_tensor_value_info("z", TensorProto.FLOAT, None)
+    w = numpy_helper.from_array(np.ones((4, 4, 1, 1), np.float32), "w")
+    spare = numpy_helper.from_array(np.ones(3, np.float32), "spare")
+    bn = [numpy_helper.from_array(np.ones(4, np.float32), n) for n in ("s", "b", "m", "v")]
+    cases = [
+        ([helper.make_node("Relu", ["x"], ["r"], name="r"), helper.make_node("Conv", ["r", "w"], ["y"], name="c")], [y], [w]),
+        ([helper.make_node("Relu", ["x"], ["y"], name="r"), helper.make_node("Neg", ["x"], ["dead"], name="n")], [y], [w]),
+        ([helper.make_node("Dropout", ["x"], ["y", "mask"], name="d")], [y], []),
+        ([helper.make_node("Clip", ["x", "", ""], ["y"], name="c")], [y], []),
+        ([helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], name="bn", training_mode=0)], [y], bn),
+        ([helper.make_node("Relu", ["x"], ["y"], name="r")], [y], [spare]),
+        ([helper.make_node("Relu", ["x"], ["y"], name="r"), helper.make_node("Neg", ["y"], ["z"], name="n")], [y, z], []),
+    ]
+    return [helper.make_model(helper.make_graph(nodes, "g", [x], outs, inits), opset_imports=[helper.make_opsetid("", 17)])
+            for nodes, outs, inits in cases]
+
+
+@pytest.mark.parametrize("k", range(7))
+def test_unused_node_removal_shortcut_matches_onnx_ir(k: int) -> None:
+    """``canonicalize._remove_unused_nodes`` skips onnx-ir's pass only where it changes
+    nothing: on every case the model and the "modified" flag are the pass's."""
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    from spa.passes.canonicalize import _remove_unused_nodes
+
+    proto = _dce_models()[k]
+    ours, theirs = ir.from_proto(proto), ir.from_proto(proto)
+    modified = _remove_unused_nodes(ours)
+    assert modified == RemoveUnusedNodesPass()(theirs).modified
+    assert ir.to_proto(ours).SerializeToString() == ir.to_proto(theirs).SerializeToString()
+
+
+def test_name_fix_shortcut_only_skips_a_no_op() -> None:
+    """``_names_unique`` says "nothing to rename" exactly where ``NameFixPass`` renames nothing."""
+    from onnx_ir.passes.common import NameFixPass
+
+    from spa.passes.canonicalize import _names_unique
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graphs = {
+        "unique": [helper.make_node("Relu", ["x"], ["a"], name="r"), helper.make_node("Neg", ["a"], ["y"], name="n")],
+        "unnamed node": [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Neg", ["a"], ["y"], name="n")],
+        "two nodes one name": [helper.make_node("Relu", ["x"], ["a"], name="r"), helper.make_node("Neg", ["a"], ["y"], name="r")],
+    }
+    seen = {}
+    for what, nodes in graphs.items():
+        model = ir.from_proto(helper.make_model(helper.make_graph(nodes, "g", [x], [y]), opset_imports=[helper.make_opsetid("", 17)]))
+        skip = _names_unique(model)
+        seen[what] = skip
+        assert skip == (not NameFixPass()(model).modified), what
+    assert seen == {"unique": True, "unnamed node": False, "two nodes one name": False}
+
+
+def test_tie_axes_records_what_tie_records() -> None:
+    """``CouplingContext.tie_axes`` (the element-wise fast path) leaves the same ties, blocks
+    and mentioned dims as one ``tie`` per axis: equal static sizes, a symbolic size, sizes
+    that differ, ranks that differ, an unshaped side."""
+    from spa.graph import is_constant
+    from spa.rules.base import CouplingContext, Dim
+
+    def val(name: str, dims) -> ir.Value:
+        return ir.Value(name=name, shape=None if dims is None else ir.Shape(dims), type=ir.TensorType(ir.DataType.FLOAT))
+
+    pairs = [
+        (val("a", [1, 8, 4, 4]), val("b", [1, 8, 4, 4]), range(4)),
+        (val("a", [1, "n", 4, 4]), val("b", [1, 8, 4, 4]), range(4)),
+        (val("a", [1, 8, 4, 4]), val("b", [1, 8, 5, 4]), [0, 2, 3]),
+        (val("a", [1, 8, 4]), val("b", [1, 8, 4, 4]), range(4)),
+        (val("a", None), val("b", [1, 8]), range(2)),
+    ]
+    node = ir.Node("", "Relu", [val("x", [1])], name="n")
+    for a, b, axes in pairs:
+        slow = CouplingContext(node, opset=17, is_constant=is_constant)
+        fast = CouplingContext(node, opset=17, is_constant=is_constant)
+        for ax in axes:
+            slow.tie(a, ax, b, ax)
+        fast.tie_axes(a, b, list(axes))
+        assert [(t.a, t.b, t.a_index.tolist(), t.b_index.tolist(), t.node) for t in fast.ties] == \
+            [(t.a, t.b, t.a_index.tolist(), t.b_index.tolist(), t.node) for t in slow.ties]
+        assert fast.blocks == slow.blocks and fast.mentioned == slow.mentioned
+        assert all(type(d) is Dim for d in fast.mentioned)
+    assert Dim("a", 1) < Dim("a", 2) < Dim("b", 0) and str(Dim("a", 1)) == "a[1]"

@@ -202,24 +202,17 @@ def _analyze(model: ir.Model, allow_inexact: bool, rules: Mapping[Any, ChannelRu
             ctx.block_all(BlockCode.NO_RULE, f"no channel rule for {node.domain + '::' if node.domain else ''}{node.op_type} ('{ctx.name}')")
         else:
             rule.couplings(node, ctx)
-        # Any static axis the rule did not mention is opaque to this node.
-        mentioned: dict[str, set[int]] = {}
-        for d in ctx.mentioned:
-            axes = mentioned.get(d.value)
-            if axes is None:
-                mentioned[d.value] = {d.axis}
-            else:
-                axes.add(d.axis)
+        # Any static axis the rule did not mention is opaque to this node. ``Dim`` is a named
+        # tuple, so a plain ``(name, axis)`` finds it in ``mentioned`` (no Dim built per axis);
+        # block() mentions the axis, so a second read of the value is not blocked again.
+        mentioned = ctx.mentioned
         for v in (*node.inputs, *node.outputs):
             if v is None or v.shape is None:
                 continue
-            axes = mentioned.get(v.name)
-            if axes is None:
-                axes = mentioned[v.name] = set()
+            name = v.name
             for ax, size in enumerate(v.shape.dims):
-                if isinstance(size, int) and ax not in axes:
-                    ctx.block(v, ax, BlockCode.UNMAPPED_AXIS, f"{node.op_type} '{ctx.name}' does not map axis {ax} of '{v.name}'")
-                    axes.add(ax)  # block() mentions it: a second read of the value is not blocked again
+                if isinstance(size, int) and (name, ax) not in mentioned:
+                    ctx.block(v, ax, BlockCode.UNMAPPED_AXIS, f"{node.op_type} '{ctx.name}' does not map axis {ax} of '{name}'")
         ties.extend(ctx.ties)
         for d, r in ctx.roles:
             roles[d].add(r)
@@ -227,12 +220,9 @@ def _analyze(model: ir.Model, allow_inexact: bool, rules: Mapping[Any, ChannelRu
         inexact.extend(ctx.inexact)
         # One Dim object per axis across all nodes (the next node's input is this one's output):
         # half the objects that outlive the analysis on a chain.
-        node_dims[node.name] = {canon.setdefault(d, d) for d in ctx.mentioned}
-        for t in ctx.ties:
-            a, b = hint.index(t.a), hint.index(t.b)
-            tie_a.append(a)
-            tie_b.append(b)
-            hint.union(a, b)
+        node_dims[node.name] = {canon.setdefault(d, d) for d in mentioned}
+        if ctx.ties:
+            hint.add_ties(ctx.ties, tie_a, tie_b)
         for d, _ in ctx.roles:
             hint.mark(d)
 
@@ -264,6 +254,31 @@ class _WeightedDims:
             self._parent.append(i)
             self._weighted.append(bool(self._lonely) and d in self._lonely)
         return i
+
+    def add_ties(self, ties: list[Tie], tie_a: list[int], tie_b: list[int]) -> None:
+        """``index`` both dims of each tie, append the numbers to ``tie_a``/``tie_b`` and
+        ``union`` them: the per-tie work of the analysis loop, with the lookups inlined."""
+        order, parent, weighted, lonely = self._order, self._parent, self._weighted, self._lonely
+        find = self._find
+        for t in ties:
+            da, db = t.a, t.b
+            a = order.get(da)
+            if a is None:
+                a = order[da] = len(parent)
+                parent.append(a)
+                weighted.append(bool(lonely) and da in lonely)
+            b = order.get(db)
+            if b is None:
+                b = order[db] = len(parent)
+                parent.append(b)
+                weighted.append(bool(lonely) and db in lonely)
+            tie_a.append(a)
+            tie_b.append(b)
+            ra, rb = find(a), find(b)
+            if ra != rb:
+                parent[rb] = ra
+                if weighted[rb]:
+                    weighted[ra] = True
 
     def _find(self, i: int) -> int:
         parent = self._parent
@@ -312,7 +327,12 @@ def _build_groups(
     values = {v.name: v for v in _all_values(graph, nodes)}
     dims = list(order)  # insertion order is the order index
     n_dims = len(dims)
-    size = {d: int(values[d.value].shape[d.axis]) for d in dims}
+    size: dict[Dim, int] = {}
+    last, shape = None, ()
+    for d in dims:  # a value's axes come one after another in first-tie order: read its shape once
+        if d.value != last:
+            last, shape = d.value, values[d.value].shape.dims
+        size[d] = int(shape[d.axis])
     sizes = np.fromiter(size.values(), dtype=np.int64, count=n_dims)
     starts = np.zeros(n_dims, dtype=np.int64)
     if n_dims:

@@ -27,9 +27,7 @@ def tie_same_shape(ctx: CouplingContext, x: ir.Value | None, y: ir.Value | None,
     if rank is None or ctx.rank(y) != rank:
         return
     skip_n = {a % rank for a in skip}
-    for ax in range(rank):
-        if ax not in skip_n:
-            ctx.tie(x, ax, y, ax)
+    ctx.tie_axes(x, y, [ax for ax in range(rank) if ax not in skip_n])
 
 
 def tie_broadcast(
