@@ -215,12 +215,16 @@ def run_oracle(
     *,
     rtol: float = RTOL,
     atol: float = ATOL,
+    outputs: dict[str, list[np.ndarray]] | None = None,
 ) -> OracleResult:
+    """``outputs``, when given, receives the pruned model's outputs under ``pruned``."""
     reference = session(reference_path)
     names = [o.name for o in reference.get_outputs()]
     ref_out = run(reference, feeds)
     del reference  # one model in memory at a time
     got_out = run(session(pruned_path, pruned=True), feeds, pruned=True)
+    if outputs is not None:
+        outputs["pruned"] = got_out
     per_output = {}
     worst_abs = worst_scaled = 0.0
     passed = True
@@ -330,28 +334,38 @@ def check_pruned(original_path: str | os.PathLike, pruned_path: str | os.PathLik
         raise
 
 
-def oracle_files(original_path: str | os.PathLike, pruned_path: str | os.PathLike, plan: Plan, feeds, masked_path: pathlib.Path) -> OracleResult:
+def oracle_files(original_path: str | os.PathLike, pruned_path: str | os.PathLike, plan: Plan, feeds, masked_path: pathlib.Path, *, outputs=None,
+                 model: ir.Model | None = None) -> OracleResult:
     """Write the masked reference (the original with every removed consumer slice zeroed)
-    and compare it with the pruned model in ORT."""
-    reference = ir.load(os.fspath(original_path))
+    and compare it with the pruned model in ORT. ``model``: the original in memory, used
+    instead of reading ``original_path`` (a clone is masked; mask_model replaces tensors)."""
+    reference = model.clone() if model is not None else ir.load(os.fspath(original_path))
     mask_model(reference, plan)
     from spa import io  # late: io imports this module's neighbours
 
     io.save_model(reference, masked_path, durable=False)
     del reference
     gc.collect()  # onnx-ir's reference cycles would keep the masked weights alive
-    return run_oracle(masked_path, pruned_path, feeds)
+    return run_oracle(masked_path, pruned_path, feeds, outputs=outputs)
 
 
-def prove(analysis, plan: Plan, original_path: pathlib.Path, pruned_path: pathlib.Path, feeds, scratch) -> dict:
+def prove(analysis, plan: Plan, original_path: pathlib.Path, pruned_path: pathlib.Path, feeds, scratch, *, outputs=None,
+          model: ir.Model | None = None) -> dict:
     """The mask-equivalence oracle over the whole plan, as a report entry.
 
     ``analysis`` is the (unmutated) analysis of the model at ``original_path``; ``scratch(name)``
     gives a scratch file path. With inexact groups the whole-model comparison is a report, not
     a proof, so the exact groups are proven on their own. A failure names the first group
     that fails alone (each re-planned from ``analysis`` and cut from the original file).
+    ``outputs`` (a dict) receives the pruned model's outputs on ``feeds`` (``run_oracle``).
+    ``model``: the original in memory, with ``original_path`` not yet written: the whole-model
+    comparison masks it directly, and the file is written only where a part must be cut from it.
     """
-    result = oracle_files(original_path, pruned_path, plan, feeds, scratch("masked"))
+    result = oracle_files(original_path, pruned_path, plan, feeds, scratch("masked"), outputs=outputs, model=model)
+    if model is not None and (not result.passed or any(g.removed and g.inexact for g in plan.groups)):
+        from spa import io
+
+        io.save_model(model, original_path, durable=False)
     if not result.passed:
         _refuse_nonfinite(analysis.source, original_path, feeds)
     inexact = sorted({g.id for g in plan.groups if g.removed and g.inexact})

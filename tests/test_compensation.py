@@ -139,6 +139,32 @@ def test_independent_refit_equals_the_dense_solve() -> None:
         assert fast[3] < fast[2]  # the mean shift helps
 
 
+def test_independent_update_in_the_weights_layout_equals_the_stacked_refit() -> None:
+    """compensate_model's closed form applied in place on [rows, C, taps] (no stacking of the
+    taps into rows) against _refit_independent on the stacked rows: the same weights (to float64
+    rounding: W μ is summed in another order), removed columns zeroed, the same bias shift and errors."""
+    from spa.compensation import _refit_independent, _update_independent
+
+    rng = np.random.default_rng(7)
+    rows, C, r = 6, 10, 9
+    mean, var = rng.standard_normal(C), rng.uniform(0.1, 2.0, C)
+    mean[4] = var[4] = 0.0  # a dead kept channel
+    p = PairMoments.same(Moments(mean, np.outer(mean, mean) + np.diag(var), mean, 0, "bn-proxy", independent=True))
+    keep = np.array([0, 2, 3, 4, 7, 9])
+    drop = np.setdiff1d(np.arange(C), keep)
+    M3 = rng.standard_normal((rows, C, r))
+    for with_bias in (True, False):
+        stacked = M3.transpose(2, 0, 1).reshape(r * rows, C)
+        WK, beta, *errors = _refit_independent(stacked, keep, p, damp=0.01, with_bias=with_bias)
+        got = M3.copy()
+        beta2, *errors2 = _update_independent(got, keep, p, damp=0.01, with_bias=with_bias)
+        np.testing.assert_allclose(got[:, keep, :], WK.reshape(r, rows, len(keep)).transpose(1, 2, 0), rtol=1e-12, atol=1e-15)
+        assert not got[:, drop, :].any()
+        np.testing.assert_allclose(beta2, beta.reshape(r, rows).T, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(errors2, errors, rtol=1e-12)
+        assert with_bias == bool(beta2.any())
+
+
 def test_bn_proxy_moments_match_monte_carlo() -> None:
     proto = model(
         """
@@ -502,6 +528,62 @@ def test_data_free_bn_model_uses_the_closed_form_and_its_errors_match_ort(monkey
     np.testing.assert_allclose(fast["error_before"], slow["error_before"], rtol=1e-6)
     np.testing.assert_allclose(fast["error_after"], slow["error_after"], rtol=1e-6)
     assert fast["error_after"] < fast["error_before"]
+
+
+def test_measured_error_reuses_the_runs_already_made_and_matches_ort() -> None:
+    """The error step takes the original's and the pruned model's outputs on the verification
+    inputs from the snapshot and oracle runs: they must be what ORT gives for the input and for
+    the pruned model written out (error_after), and error_before the masked original's."""
+    from spa.passes.compensate import _relative_error
+
+    proto = _bn_chain()
+    res = spa.prune(proto, ratio=0.5, benchmark=False, compensate="data-free")
+    measured = res.report.compensation["measured"]["verification"]
+    import onnxruntime as ort
+
+    orig = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = verify.make_inputs(orig)
+    y0 = orig.run(None, feeds)
+    pruned = ort.InferenceSession(ir.to_proto(res.model).SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(measured["error_after"], _relative_error(y0, pruned.run(None, feeds)), rtol=1e-6)
+    plain = ir.from_proto(proto)
+    verify.mask_model(plain, res.plan)
+    masked = ort.InferenceSession(ir.to_proto(plain).SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(measured["error_before"], _relative_error(y0, masked.run(None, feeds)), rtol=1e-6)
+    assert measured["error_after"] < measured["error_before"]
+
+
+def test_oracle_on_an_in_memory_reference_writes_the_file_when_it_fails(tmp_path) -> None:
+    """prove(model=…) masks the reference in memory; when the comparison fails, the reference
+    file the blame search cuts groups from is written first (compensation hands the oracle its
+    reference that way)."""
+    import onnxruntime as ort
+
+    from spa.errors import VerificationError
+
+    proto = _bn_chain()
+    res = spa.prune(proto, ratio=0.5, benchmark=False)
+    analysis = spa.analyze(proto)
+    bad = res.model.clone()
+    w = bad.graph.initializers["W2"]
+    w.const_value = ir.tensor(w.const_value.numpy() * 1.5, name="W2")
+    pruned = tmp_path / "pruned.onnx"
+    ir.save(bad, str(pruned))
+    feeds = verify.make_inputs(ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]))
+
+    def scratch(name: str) -> pathlib.Path:
+        (tmp_path / name).mkdir(exist_ok=True)
+        return tmp_path / name / "model.onnx"
+
+    good = tmp_path / "good.onnx"
+    ir.save(res.model, str(good))
+    outputs: dict = {}
+    ok = verify.prove(analysis, res.plan, tmp_path / "unwritten.onnx", good, feeds, scratch, outputs=outputs, model=analysis.model)
+    assert ok["passed"] and not (tmp_path / "unwritten.onnx").exists() and len(outputs["pruned"]) == 1
+    reference = tmp_path / "reference.onnx"
+    with pytest.raises(VerificationError):
+        verify.prove(analysis, res.plan, reference, pruned, feeds, scratch, model=analysis.model)
+    assert reference.exists()
 
 
 def test_original_cache_gives_the_same_pairs_as_running_both(tmp_path) -> None:

@@ -130,7 +130,9 @@ def _data_free_moments(s: State, wanted: Mapping[str, int]) -> tuple[dict[str, M
 
 
 def compensate_step(s: State) -> bool:
-    reference = io.load_model(s.snapshot_path)
+    # A clone of the canonical model (what the snapshot holds) rather than the snapshot read
+    # back: it shares the tensors, which compensation replaces and never writes into.
+    reference = s.model.clone()
     if s.calibration is not None and s.options.compensate == "calibration" and s.options.calibration_order == "sequential":
         result = _sequential(s, reference)
     else:
@@ -138,8 +140,10 @@ def compensate_step(s: State) -> bool:
     s.compensation = result
     if result.new_edits:
         s.surgery_plan = dataclasses.replace(s.plan, tensors=[*s.plan.tensors, *result.new_edits])
+    # Kept in memory: prune slices a clone and the oracle masks another; the file at
+    # reference_path is written only if the oracle must cut parts from it (verify.prove).
     s.reference_path = s.scratch("compensated")
-    io.save_model(reference, s.reference_path, durable=False)
+    s.reference_model = reference
     return True
 
 
@@ -225,8 +229,12 @@ def _in_memory_session(model: ir.Model) -> Any | None:
 
 def error_step(s: State) -> bool:
     """Relative L2 output error ‖y − y₀‖/‖y₀‖ of plain pruning (the original with the removed
-    slices zeroed) and of the compensated pruned model, against the original."""
-    plain = io.load_model(s.snapshot_path)
+    slices zeroed) and of the compensated pruned model, against the original.
+
+    The outputs on the verification inputs that the snapshot (original) and the oracle
+    (pruned) already ran are reused (``State.feeds_outputs``); the other sessions open only
+    for calibration samples."""
+    plain = s.analysis.model.clone()  # the snapshot's model; mask_model replaces tensors, never writes them
     verify_mod.mask_model(plain, s.plan)
     masked = _in_memory_session(plain)
     if masked is None:
@@ -234,7 +242,16 @@ def error_step(s: State) -> bool:
         io.save_model(plain, plain_path, durable=False)
         masked = verify_mod.session(plain_path)
     del plain
-    sessions = [verify_mod.session(s.snapshot_path), masked, verify_mod.session(s.pruned_path)]
+    opened: dict[str, Any] = {}
+
+    def outputs(which: str, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        known = s.feeds_outputs.get(which)
+        if feed is s.feeds and known is not None:
+            return known
+        if which not in opened:
+            opened[which] = verify_mod.session(s.snapshot_path if which == "original" else s.pruned_path)
+        return verify_mod.run(opened[which], feed)
+
     sets: dict[str, list[dict[str, np.ndarray]]] = {"verification": [s.feeds]} if s.feeds else {}
     if s.calibration is not None:
         sets["calibration"] = list(itertools.islice(iter(s.calibration), ERROR_SAMPLES))
@@ -242,7 +259,7 @@ def error_step(s: State) -> bool:
     for label, feeds in sets.items():
         before = after = 0.0
         for feed in feeds:
-            y0, y1, y2 = (verify_mod.run(sess, feed) for sess in sessions)
+            y0, y1, y2 = outputs("original", feed), verify_mod.run(masked, feed), outputs("pruned", feed)
             before += _relative_error(y0, y1)
             after += _relative_error(y0, y2)
         n = max(len(feeds), 1)
