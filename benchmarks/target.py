@@ -63,7 +63,10 @@ def part_resnet50(args, folder: pathlib.Path) -> None:
     builds = [("TVM untuned", build(pruned, target, feeds))]
     if args.trials > 0:
         db = pathlib.Path(args.tuning_db) if args.tuning_db else folder / "db"
-        builds.append((f"TVM tuned ({args.trials} trials)", build(pruned, target, feeds, tuning=Tuning(db, trials=args.trials))))
+        tuned = build(pruned, target, feeds, tuning=Tuning(db, trials=args.trials))
+        with open(db / "database_tuning_record.json") as f:  # what the module was built from (a resumed database holds more than this run's trials)
+            records = sum(1 for _ in f)
+        builds.append((f"TVM tuned ({args.trials} trials; database: {records} records)", tuned))
     runners, names, notes = [], [], []
     for label, path in (("ORT original", original), ("ORT pruned", pruned)):
         sess = verify.session(path)

@@ -248,6 +248,12 @@ class State:
     calibration: Any = None
     compensation: Any = None
     reference_path: pathlib.Path | None = None
+    #: The same reference in memory (``reference_path`` written only if the oracle needs the
+    #: file): ``prune`` slices a clone of it, the oracle masks another.
+    reference_model: ir.Model | None = None
+    #: Outputs on ``feeds`` already run: the canonical model's (``original``, snapshot) and the
+    #: pruned model's (``pruned``, oracle), so the error step need not run them again.
+    feeds_outputs: dict[str, list[np.ndarray]] = dataclasses.field(default_factory=dict)
     surgery_plan: Plan | None = None
     compensation_report: dict[str, Any] | None = None
     #: ``fold`` and ``lowrank`` steps: what they did, per pass / per layer.
@@ -423,7 +429,7 @@ def _snapshot(s: State) -> bool:
     if _needs_ort(s):
         sess = verify_mod.session(s.snapshot_path)
         s.feeds = verify_mod.make_inputs(sess, s.options.input_shapes, s.options.seed, s.options.input_values)
-        verify_mod.run(sess, s.feeds)
+        s.feeds_outputs["original"] = verify_mod.run(sess, s.feeds)
     return False
 
 
@@ -460,7 +466,12 @@ def _restore_opset(s: State) -> bool:
 
 def _prune(s: State) -> bool:
     # A copy read back from the snapshot: ``s.analysis.model`` must keep describing the input.
-    s.model = io.load_model(s.reference_path or s.snapshot_path)
+    if s.reference_model is not None:  # clones share tensors; surgery replaces them, never writes into them
+        s.model = s.reference_model.clone()
+        if s.options.verify != "full":
+            s.reference_model = None  # no oracle will read it
+    else:
+        s.model = io.load_model(s.reference_path or s.snapshot_path)
     PrunePass(s.surgery_plan or s.plan)(s.model)
     return True
 
@@ -482,12 +493,19 @@ def _check(s: State) -> bool:
 
 def _oracle(s: State) -> bool:
     plan, reference = s.surgery_plan or s.plan, s.reference_path or s.snapshot_path
-    s.oracle = verify_mod.prove(s.analysis, plan, reference, s.pruned_path, s.feeds, s.scratch)
+    s.oracle = verify_mod.prove(s.analysis, plan, reference, s.pruned_path, s.feeds, s.scratch, outputs=s.feeds_outputs, model=s.reference_model)
+    s.reference_model = None
     return False
 
 
 def _benchmark(s: State) -> bool:
     s.latency = verify_mod.measure_side_by_side([s.snapshot_path, s.pruned_path], s.feeds)
+    lat = s.latency
+    if lat.ratio_p10_p90[1] < 1.0 and s.options.round_to < emit_mod.ORT_ROUND_TO:
+        # ORT's CPU kernels block channels by 8/16: odd widths leave the fast paths, and a
+        # lightly pruned model can run slower than its input (docs/target.md, "Rounding")
+        s.warnings.append(f"the pruned model ran slower than the input in ONNX Runtime ({lat.median_ms[1]:.3f} vs {lat.median_ms[0]:.3f} ms): "
+                          f"kept widths that are not multiples of {emit_mod.ORT_ROUND_TO} leave its fast kernels; try --round-to {emit_mod.ORT_ROUND_TO}")
     return False
 
 

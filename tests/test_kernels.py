@@ -404,6 +404,17 @@ def test_latency_objective_rounds_widths_to_what_ort_runs_fast() -> None:
     assert o.round_to == 1  # an explicit --round-to wins
 
 
+@pytest.mark.parametrize("round_to", [1, 8])
+def test_a_slower_pruned_model_is_called_out_with_the_rounding_that_fixes_it(monkeypatch, round_to: int) -> None:
+    from spa import pipeline
+
+    slower = verify.Latency(median_ms=[1.0, 1.5], p10_p90_ms=[(0.9, 1.1), (1.4, 1.6)], ratio_p10_p90=(0.6, 0.7))
+    monkeypatch.setattr(pipeline.verify_mod, "measure_side_by_side", lambda paths, feeds, **kw: slower)
+    r = spa.prune(DEMO, ratio=0.3, round_to=round_to)
+    said = [w for w in r.report.warnings if "ran slower than the input" in w]
+    assert len(said) == (round_to == 1) and all("--round-to 8" in w for w in said)
+
+
 def test_latency_weighting_prefers_groups_that_save_more() -> None:
     from spa.analysis.latency import latency_weighted
 
