@@ -66,7 +66,7 @@ def part_resnet50(args, folder: pathlib.Path) -> None:
         tuned = build(pruned, target, feeds, tuning=Tuning(db, trials=args.trials))
         with open(db / "database_tuning_record.json") as f:  # what the module was built from (a resumed database holds more than this run's trials)
             records = sum(1 for _ in f)
-        builds.append((f"TVM tuned ({args.trials} trials; database: {records} records)", tuned))
+        builds.append((f"TVM tuned (database of {records} records; budget {args.trials} trials)", tuned))
     runners, names, notes = [], [], []
     for label, path in (("ORT original", original), ("ORT pruned", pruned)):
         sess = verify.session(path)
