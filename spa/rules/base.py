@@ -318,10 +318,10 @@ class CouplingContext:
         """Static size of ``value``'s axis, or None when unknown or symbolic."""
         if value is None or value.shape is None:
             return None
-        rank = len(value.shape)
-        if not -rank <= axis < rank:
+        dims = value.shape.dims  # the tuple itself: this runs once per tied axis
+        if not -len(dims) <= axis < len(dims):
             return None
-        d = value.shape[axis]
+        d = dims[axis]
         return d if isinstance(d, int) and d >= 0 else None
 
     def shape(self, value: ir.Value | None) -> tuple[int | None, ...] | None:
@@ -396,22 +396,7 @@ class CouplingContext:
         scalar). If a side's size is unknown, the other side is blocked instead: a channel
         we cannot follow must not be removed. Returns whether the tie was recorded.
         """
-        # ``size`` and ``dim`` inlined (each shape read once): this runs once per tied axis pair.
-        sa = None if a is None or a.shape is None else a.shape.dims
-        sb = None if b is None or b.shape is None else b.shape.dims
-        na = nb = None
-        if sa is not None:
-            ra = len(sa)
-            if -ra <= a_axis < ra:
-                na = sa[a_axis]
-                if not (isinstance(na, int) and na >= 0):
-                    na = None
-        if sb is not None:
-            rb = len(sb)
-            if -rb <= b_axis < rb:
-                nb = sb[b_axis]
-                if not (isinstance(nb, int) and nb >= 0):
-                    nb = None
+        na, nb = self.size(a, a_axis), self.size(b, b_axis)
         if na is None or nb is None:
             for v, ax, n in ((a, a_axis, na), (b, b_axis, nb)):
                 if v is not None and n is not None:
@@ -425,7 +410,7 @@ class CouplingContext:
                     )
             return False
         # Both sizes known: both axes are in range, so ``% rank`` is ``_normalize_axis``.
-        da, db = _new_dim((a.name, a_axis % ra)), _new_dim((b.name, b_axis % rb))
+        da, db = _new_dim((a.name, a_axis % len(a.shape))), _new_dim((b.name, b_axis % len(b.shape)))
         if a_index is None and b_index is None:
             if na != nb:
                 self.block(a, a_axis, BlockCode.UNMAPPED_AXIS, f"{self.node.op_type} '{self.name}': sizes {na} and {nb} differ")
