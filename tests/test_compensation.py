@@ -6,6 +6,7 @@ the models, never against hand-copied figures.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import tempfile
 
@@ -449,6 +450,57 @@ def test_obs_criterion_is_the_refit_error() -> None:
         sol = np.linalg.lstsq(design.T, Y.T, rcond=None)[0]
         refit = float(((Y - sol.T @ design) ** 2).sum())
         assert errors[ch] == pytest.approx(refit / total, rel=1e-3, abs=1e-9)
+
+
+def test_obs_on_synthetic_statistics_takes_channels_as_independent() -> None:
+    """On synthetic statistics ``obs`` scores from ``diag(Var) + μμᵀ``: a channel that is an exact
+    copy of another costs (nearly) nothing on calibration statistics, and on synthetic ones
+    what the mean shift leaves, ``Σ_rows w² · Var`` over the energy with independent channels
+    (numpy on the samples)."""
+    from spa.analysis.consumers import consumer_view
+    from spa.criteria.statistics import criterion_moments
+
+    proto = _chain(duplicate=False)
+    analysis = spa.analyze(proto)
+    view = consumer_view(analysis)
+    c = next(c for c in view if c.weight == "W3")
+    group = next(g for g in analysis.channels.groups if g.id == c.group)
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((8, 4000)) + rng.uniform(0.5, 1.5, (8, 1))
+    X[1] = 2.0 * X[0]  # channel 1 is channel 0, scaled
+    n = X.shape[1]
+    W3 = analysis.model.graph.initializers["W3"].const_value.numpy()
+    W = W3.reshape(5, 8).astype(np.float64)
+    inputs = lambda source: CriterionInputs(weight=lambda name: analysis.model.graph.initializers[name].const_value.numpy(), consumers=view,  # noqa: E731
+                                            moments={c.activation: Moments(X.mean(1), X @ X.T / n, np.abs(X).mean(1), n, source)})
+    cal = CRITERIA["obs"].group_scores(group, inputs("calibration"), 0)[c.unit_of_column]
+    syn = CRITERIA["obs"].group_scores(group, inputs("synthetic-pink"), 0)[c.unit_of_column]
+    var = X.var(axis=1)
+    energy = float(((W @ X.mean(1)) ** 2).sum() + ((W**2) @ var).sum())  # E‖W x‖² with independent channels
+    assert cal[1] < 0.05 * syn[1]  # the copy is rebuilt from channel 0 only when correlations are trusted
+    np.testing.assert_allclose(syn, (W**2).sum(0) * var / energy, rtol=0.05)  # the mean shift's error (damped)
+    m = Moments(X.mean(1), X @ X.T / n, np.abs(X).mean(1), n, "synthetic-pink")
+    ind = criterion_moments(m)
+    assert ind.independent
+    real = dataclasses.replace(m, source="calibration")
+    assert criterion_moments(real) is real  # calibration statistics keep their correlations
+    np.testing.assert_allclose(ind.second, np.diag(var) + np.outer(X.mean(1), X.mean(1)), rtol=1e-10, atol=1e-12)
+
+
+def test_synthetic_feed_count_follows_the_compute_budget(monkeypatch) -> None:
+    """``SYNTHETIC_MACS`` / the model's MACs (spa's cost model), clamped to ``SYNTHETIC_RANGE``;
+    ``SYNTHETIC_SAMPLES`` overrides; the report's ``statistics.samples`` is what ran."""
+    import spa.passes.compensate as comp
+
+    proto = _chain(short=True)
+    macs = spa.analyze(proto).cost.count().macs
+    for budget, want in ((macs * 10, 10), (macs * 1000, comp.SYNTHETIC_RANGE[1]), (macs, comp.SYNTHETIC_RANGE[0])):
+        monkeypatch.setattr(comp, "SYNTHETIC_MACS", budget)
+        monkeypatch.setattr(comp, "SYNTHETIC_RANGE", (8, 32))
+        res = spa.prune(proto, ratio=0.5, benchmark=False, compensate="data-free", verify="none")
+        assert res.report.options["statistics"]["samples"] == want
+    monkeypatch.setattr(comp, "SYNTHETIC_SAMPLES", 3)
+    assert spa.prune(proto, ratio=0.5, benchmark=False, compensate="data-free", verify="none").report.options["statistics"]["samples"] == 3
 
 
 def _save(m: ir.Model, path, extra: str):

@@ -41,7 +41,7 @@ from spa.inputs import graph_inputs, resolve_input_shapes
 if TYPE_CHECKING:  # pragma: no cover
     from spa.pipeline import State
 
-__all__ = ["COMPENSATE", "DATA_FREE_METHODS", "SYNTHETIC_SAMPLES", "ERROR_SAMPLES", "statistics_step", "compensate_step", "error_step", "needs_statistics"]
+__all__ = ["COMPENSATE", "DATA_FREE_METHODS", "SYNTHETIC_SAMPLES", "SYNTHETIC_MACS", "SYNTHETIC_RANGE", "synthetic_samples", "ERROR_SAMPLES", "statistics_step", "compensate_step", "error_step", "needs_statistics"]
 
 COMPENSATE = ("none", "data-free", "calibration")
 #: Data-free statistics: ``moments`` — the BatchNorm proxy's independent channels (synthetic
@@ -51,9 +51,13 @@ COMPENSATE = ("none", "data-free", "calibration")
 DATA_FREE_METHODS = ("moments", "udfc")
 #: Seeded synthetic feeds for the data-free fallback (activations without BatchNorm): how many,
 #: and what an image-like input gets (``spa.calibration.SYNTHETIC_KINDS``; other float inputs
-#: get standard-normal noise). 1/f noise was measured best, and more feeds gained little for
-#: their cost (docs/compensation.md, "Synthetic inputs"). The benchmark's ``--synthetic`` sets these.
-SYNTHETIC_SAMPLES = 8
+#: get standard-normal noise). 1/f noise was measured best (docs/compensation.md, "Synthetic
+#: inputs"). ``SYNTHETIC_SAMPLES`` None: as many feeds as ``SYNTHETIC_MACS`` of the model's
+#: compute buy, within ``SYNTHETIC_RANGE`` (PP-OCRv4 rec, 0.7 GMAC: 32 feeds, which the
+#: refit needed; ResNet-50, 4.1 GMAC: 8, the cost it had). The benchmark's ``--synthetic`` sets these.
+SYNTHETIC_SAMPLES: int | None = None
+SYNTHETIC_MACS = 24e9
+SYNTHETIC_RANGE = (8, 32)
 SYNTHETIC = "pink"
 #: Calibration samples the output error is also measured on.
 ERROR_SAMPLES = 16
@@ -106,7 +110,7 @@ def _data_free_moments(s: State, wanted: Mapping[str, int]) -> tuple[dict[str, M
     integer = [v.name for v in graph_inputs(model) if v.dtype is not None and not v.dtype.is_floating_point()]
     if rest and not integer:
         shapes = resolve_input_shapes(model, o.input_shapes)
-        feeds = synthetic_feeds(model, shapes, kind=SYNTHETIC, samples=SYNTHETIC_SAMPLES, seed=o.seed, values=o.input_values)
+        feeds = synthetic_feeds(model, shapes, kind=SYNTHETIC, samples=synthetic_samples(s), seed=o.seed, values=o.input_values)
         source = synthetic_source(model, shapes, SYNTHETIC, o.input_values)
         found, used = collect(model, rest, feeds, path=s.scratch("statistics"), source=source, seed=o.seed)
         moments.update(found)
@@ -127,6 +131,20 @@ def _data_free_moments(s: State, wanted: Mapping[str, int]) -> tuple[dict[str, M
             f"({', '.join(integer)}), so no synthetic fallback: they are not compensated (give --calibration)"
         )
     return moments, used
+
+
+def synthetic_samples(s: State) -> int:
+    """How many synthetic feeds the data-free fallback runs: ``SYNTHETIC_SAMPLES`` when set,
+    else ``SYNTHETIC_MACS`` / the model's MACs, clamped to ``SYNTHETIC_RANGE`` (the low end
+    where the cost is unknown)."""
+    if SYNTHETIC_SAMPLES is not None:
+        return int(SYNTHETIC_SAMPLES)
+    lo, hi = SYNTHETIC_RANGE
+    try:
+        macs = int(s.analysis.cost.count().macs)
+    except Exception:  # noqa: BLE001 - an unknown cost (dynamic shapes) is no reason to fail
+        return lo
+    return int(min(max(SYNTHETIC_MACS // max(macs, 1), lo), hi))
 
 
 def compensate_step(s: State) -> bool:
