@@ -141,6 +141,70 @@ def test_compile_cuda_produces_a_module_without_a_gpu(demo: pathlib.Path) -> Non
         assert info["check"] is None and "no cuda device" in info["run"]
 
 
+def _computed_pads(tmp_path: pathlib.Path, stages: int = 4) -> pathlib.Path:
+    """Swin-style padding: each stage pads its width up to a multiple of 7 with a Pad whose
+    amounts come from Shape → Gather → Mod arithmetic on the stage's input, then halves it with
+    a stride-2 conv; the next stage's amounts are only constant once the previous Pad is."""
+    rng = np.random.default_rng(0)
+    const = lambda name, v: helper.make_tensor(name, TensorProto.INT64, [len(v)] if isinstance(v, list) else [], v if isinstance(v, list) else [v])  # noqa: E731
+    inits = [const("seven", 7), const("three", 3), const("zeros6", [0] * 6), const("zero1", [0])]
+    nodes, x = [], "x"
+    for i in range(stages):
+        inits.append(helper.make_tensor(f"w{i}", TensorProto.FLOAT, [4, 4, 3, 3], rng.standard_normal(144).astype(np.float32)))
+        nodes += [
+            helper.make_node("Shape", [x], [f"s{i}"]),
+            helper.make_node("Gather", [f"s{i}", "three"], [f"wd{i}"]),
+            helper.make_node("Mod", [f"wd{i}", "seven"], [f"m{i}"]),
+            helper.make_node("Sub", ["seven", f"m{i}"], [f"r{i}"]),
+            helper.make_node("Mod", [f"r{i}", "seven"], [f"p{i}"]),
+            helper.make_node("Unsqueeze", [f"p{i}", "zero1"], [f"pu{i}"]),
+            helper.make_node("Concat", ["zeros6", "zero1", f"pu{i}"], [f"pads{i}"], axis=0),
+            helper.make_node("Pad", [x, f"pads{i}"], [f"padded{i}"]),
+            helper.make_node("Conv", [f"padded{i}", f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        ]
+        x = f"c{i}"
+    nodes.append(helper.make_node("Relu", [x], ["y"]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 40, 40])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    path = tmp_path / "pads.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_pad_amounts_computed_from_shapes_are_folded_for_the_importer(tmp_path: pathlib.Path, monkeypatch) -> None:
+    from spa.kernels import build as build_mod
+
+    model = _computed_pads(tmp_path)
+    feeds = _feeds(model)
+    module = load(build_mod.export(build(model, parse_target("llvm"), feeds), tmp_path / "pads.so"))
+    build_mod.check_against_ort(module.run(None, feeds), verify.run(verify.session(model), feeds), module.output_names)  # raises if they differ
+    monkeypatch.setattr(build_mod, "IMPORT_FOLD_ROUNDS", 0)  # what specialize alone leaves: the late stages' pads are not constant
+    with pytest.raises(CompileError, match="cannot import"):
+        build(model, parse_target("llvm"), feeds)
+
+
+def _depthwise(tmp_path: pathlib.Path, channels: int, size: int, kernel: int) -> pathlib.Path:
+    rng = np.random.default_rng(0)
+    w = helper.make_tensor("w", TensorProto.FLOAT, [channels, 1, kernel, kernel], rng.standard_normal(channels * kernel * kernel).astype(np.float32))
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], group=channels, pads=[kernel // 2] * 4)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, size, size])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    path = tmp_path / f"dw{channels}_{size}_{kernel}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+@pytest.mark.parametrize(("channels", "size", "kernel"), [(32, 7, 1), (64, 1, 3)])
+def test_cuda_builds_convs_the_default_gpu_schedules_assert_on(tmp_path: pathlib.Path, channels: int, size: int, kernel: int) -> None:
+    """A depthwise conv with a 1×1 kernel, or on a 1×1 image: TVM's dlight GEMV/Matmul rules
+    raise on these instead of declining (GhostNetV2, LeViT, ... in the coverage set)."""
+    model = _depthwise(tmp_path, channels, size, kernel)
+    built = build(model, parse_target("cuda -arch=sm_80"), _feeds(model))
+    assert built.signature.outputs == ["y"]
+    if shutil.which("nvcc"):
+        assert built.cuda_check["compiled"] and built.cuda_check["kernels"] >= 1
+
+
 def test_cross_target_is_written_as_objects(demo: pathlib.Path) -> None:
     proc = run("compile", str(demo), "--target", "llvm -mtriple=aarch64-linux-gnu -mattr=+neon", "--json")
     assert proc.returncode == 0, proc.stderr
