@@ -31,6 +31,9 @@ against the same file after ``spa.prune(path, ratio=0, fold=True)``: ORT latency
 with ORT's default graph optimizations (which fuse Conv+BN at load) and with them disabled
 (what a runtime without that fusion sees), node counts and file size. TVM latency: llvm on this CPU, default schedules (spa.kernels.bench)
 until ``spa.kernels`` provides a measurement.
+
+Which data-free inputs and error rank the combined allocator's candidates as real data does:
+``benchmarks/lowrank_inputs.py`` (docs/lowrank.md).
 """
 
 from __future__ import annotations

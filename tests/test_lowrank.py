@@ -166,7 +166,9 @@ def test_auto_meets_the_target_and_apply_replays_it(tmp_path: pathlib.Path) -> N
     measured = [t for t in tried if "measured_error" in t]
     assert tried[0] in measured and tried[-1] in measured  # low-rank only (ratio 0) and prune only are measured
     chosen = next(t for t in tried if t["ratio"] == pruned.report.options["searched_ratio"])
-    assert chosen["measured_error"] == min(t["measured_error"] for t in measured)  # never worse than either, measured
+    # without data an image model's candidates are ranked by measured × estimated error
+    assert chosen["score"] == min(t["score"] for t in measured) and all(
+        t["score"] == pytest.approx(t["measured_error"] * t["estimated_error"], rel=1e-4) for t in measured)
     replayed = spa.apply(str(DEMO), plan, benchmark=False)
     x = {"input": np.random.default_rng(3).normal(size=(1, 3, 32, 32)).astype(np.float32)}
     y1, y2 = (_session(ir.to_proto(r.model)).run(None, x)[0] for r in (pruned, replayed))
@@ -327,3 +329,140 @@ def test_allocator_measures_real_positions_on_held_out_calibration_samples() -> 
     tried = r2.report.options["lowrank_allocation"]["tried"]
     assert r2.report.options["searched_ratio"] > 0.0
     assert tried[0]["measured_error"] > tried[-1]["measured_error"]  # low rank only measures worse on the whole output
+
+
+def _token_toy(V: int = 50, S: int = 12, D: int = 8) -> tuple[onnx.ModelProto, np.ndarray]:
+    """ids (through a Cast) → Gather(E) → MatMul, + the attention mask: rows 0..9 of E are zero
+    (never trained), rows 10..19 small."""
+    rng = np.random.default_rng(3)
+    E = rng.normal(size=(V, D)).astype(np.float32)
+    E[:10] = 0.0
+    E[10:20] *= 0.1
+    nodes = [helper.make_node("Cast", ["input_ids"], ["ids"], to=7, name="cast"), helper.make_node("Gather", ["E", "ids"], ["e"], name="gather"),
+             helper.make_node("MatMul", ["e", "W"], ["h"], name="mm"), helper.make_node("Cast", ["attention_mask"], ["mf"], to=1, name="castm"),
+             helper.make_node("Unsqueeze", ["mf", "ax"], ["mu"], name="unsq"), helper.make_node("Mul", ["h", "mu"], ["y"], name="mul")]
+    proto = _model(nodes, [helper.make_tensor_value_info("input_ids", 6, [2, S]), helper.make_tensor_value_info("attention_mask", 7, [2, S])],
+                   {"E": E, "W": rng.normal(size=(D, D)).astype(np.float32), "ax": np.array([2], np.int64)})
+    return proto, E
+
+
+def test_synthetic_token_feeds_prefix_masks_ids_in_range_seeded() -> None:
+    from spa.inputs import make_feeds, resolve_input_shapes
+    from spa.lowrank_alloc import embedding_tables, synthetic_token_feeds
+
+    proto, E = _token_toy()
+    model = ir.from_proto(proto)
+    tables = embedding_tables(model)
+    assert list(tables) == ["input_ids"] and np.array_equal(tables["input_ids"], E)  # found through the Cast
+    shapes = resolve_input_shapes(model)
+    feeds = synthetic_token_feeds(model, shapes, seed=4, samples=6, ids="norm", mask="prefix")
+    assert len(feeds) == 6
+    norms = np.linalg.norm(E, axis=1)
+    for f in feeds:
+        ids, m = f["input_ids"], f["attention_mask"]
+        assert ids.dtype == np.int32 and m.dtype == np.int64 and ids.shape == m.shape == (2, 12)
+        for row_ids, row in zip(ids, m):
+            n = int(row.sum())
+            assert 12 // 4 <= n <= 12 and row[:n].all() and not row[n:].any()  # ones, then zeros: a tokenizer's padding
+            assert (row_ids[n:] == 0).all() and (norms[row_ids[:n]] > 0).all()  # zero-norm rows never drawn
+        assert ((0 <= ids) & (ids < E.shape[0])).all()
+    again = synthetic_token_feeds(model, shapes, seed=4, samples=6, ids="norm", mask="prefix")
+    assert all(np.array_equal(a[k], b[k]) for a, b in zip(feeds, again) for k in a)  # seeded
+    other = synthetic_token_feeds(model, shapes, seed=5, samples=1, ids="norm", mask="prefix")[0]
+    assert not np.array_equal(other["input_ids"], feeds[0]["input_ids"])
+    assert np.array_equal(other["input_ids"], feeds[1]["input_ids"])  # sample k is seed + k
+    trim = np.concatenate([f["input_ids"][f["attention_mask"].astype(bool)] for f in synthetic_token_feeds(model, shapes, seed=0, samples=20, ids="trim", mask="ones")])
+    assert (norms[trim] >= 0.5 * np.median(norms)).all() and len(np.unique(trim)) > 10
+    ones = synthetic_token_feeds(model, shapes, seed=0, samples=2, ids="uniform", mask="ones")
+    assert all(f["attention_mask"].all() for f in ones)
+    plain = synthetic_token_feeds(model, shapes, seed=7, samples=1, ids="binary", mask="random")[0]
+    want = make_feeds(model, shapes, seed=7)
+    assert all(np.array_equal(plain[k], want[k]) for k in want)  # binary/random is spa.inputs' feed
+    with pytest.raises(spa.UsageError):
+        synthetic_token_feeds(model, shapes, seed=0, ids="words")
+    # Position and segment inputs (by name) count positions and are 0, whatever the id scheme.
+    E2 = np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32)
+    ins = [helper.make_tensor_value_info(n, 7, [1, 12]) for n in ("input_ids", "position_ids", "token_type_ids")]
+    nodes = [helper.make_node("Gather", [t, n], [f"e{k}"], name=f"g{k}") for k, (t, n) in enumerate(zip(("E", "P", "T"), ("input_ids", "position_ids", "token_type_ids")))]
+    nodes += [helper.make_node("Add", ["e0", "e1"], ["s"], name="a0"), helper.make_node("Add", ["s", "e2"], ["y"], name="a1")]
+    m3 = ir.from_proto(_model(nodes, ins, {"E": E, "P": E2, "T": E2[:2]}))
+    assert set(embedding_tables(m3)) == {"input_ids", "position_ids", "token_type_ids"}
+    f3 = synthetic_token_feeds(m3, resolve_input_shapes(m3), seed=0, ids="uniform", mask="prefix")[0]
+    assert np.array_equal(f3["position_ids"], np.arange(12)[None]) and not f3["token_type_ids"].any() and f3["input_ids"].any()
+
+
+def test_cosine_output_errors_on_real_positions() -> None:
+    from spa.lowrank_alloc import output_error
+
+    rng = np.random.default_rng(6)
+    ref, got = rng.normal(size=(2, 5, 4)), rng.normal(size=(2, 5, 4))
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]], np.int64)
+    keep = mask.astype(bool)
+    cos = lambda a, b: (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)  # noqa: E731
+    feed = {"attention_mask": mask}
+    assert output_error([ref], [got], feed, "cosine") == pytest.approx(1 - cos(ref[keep], got[keep]).mean(), rel=1e-12)
+    pool = lambda x: (x * keep[..., None]).sum(1) / keep.sum(1, keepdims=True)  # noqa: E731
+    assert output_error([ref], [got], feed, "pooled") == pytest.approx(1 - cos(pool(ref), pool(got)).mean(), rel=1e-12)
+    assert output_error([ref], [3.0 * ref], feed, "cosine") == pytest.approx(0.0, abs=1e-12)  # scale-free
+    assert output_error([ref], [3.0 * ref], feed, "relative") == pytest.approx(2.0, rel=1e-12)
+    flat = lambda a, b: 1 - cos(a.reshape(2, -1), b.reshape(2, -1)).mean()  # noqa: E731
+    assert output_error([ref], [got], {"flags": mask}, "cosine") == pytest.approx(flat(ref, got), rel=1e-12)  # no mask: a vector per batch row
+    with pytest.raises(ValueError):
+        output_error([ref], [got], feed, "cosines")
+
+
+def test_allocator_without_data_measures_every_candidate_by_cosine_on_synthetic_tokens() -> None:
+    proto, _ = _token_toy()
+    r = spa.prune(proto, lowrank="auto", flops_target=0.7, benchmark=False)
+    how = r.report.options["lowrank_measurement"]
+    assert how["error"] == "cosine" and "8 seeded synthetic feeds" in how["inputs"] and "input_ids" in how["inputs"]
+    assert how["positions"].startswith("attention mask")
+    tried = [t for t in r.report.options["lowrank_allocation"]["tried"] if np.isfinite(t["estimated_error"])]
+    assert len(tried) > 2 and all("measured_error" in t for t in tried)  # every candidate of the grid, not 4
+    best = min(tried, key=lambda t: t["measured_error"])
+    assert r.report.options["searched_ratio"] == best["ratio"]
+    assert how["ranked_by"] == "measured error"
+    # A model without token inputs: synthetic images, the relative error, ranked with the estimate.
+    plain = spa.prune(str(DEMO), lowrank="auto", flops_target=0.7, benchmark=False).report.options["lowrank_measurement"]
+    assert plain["inputs"] == "8 seeded synthetic pink-noise images" and plain["error"] == "relative"
+    assert plain["ranked_by"] == "measured error × estimated error"
+
+
+def test_allocator_without_data_ranks_image_candidates_by_measured_times_estimated_error(monkeypatch) -> None:
+    """An image model without data: the candidates are measured on IMAGE_SAMPLES pink-noise
+    images (spa.calibration.synthetic_feeds) and the least measured × estimated error wins,
+    not the least measured error."""
+    from spa import lowrank_alloc as LA
+    from spa.calibration import synthetic_feeds
+    from spa.inputs import resolve_input_shapes
+    from spa.passes import lowrank_step as LS
+
+    model = ir.load(str(DEMO))
+    want = list(synthetic_feeds(model, resolve_input_shapes(model), kind="pink", samples=LS.IMAGE_SAMPLES, seed=0))
+    seen: list = []
+    real = LA.output_error_fn
+
+    def fake(model, cg, removed_at, feeds, scratch, **kw):
+        seen.append((feeds, kw))
+        inner = real(model, cg, removed_at, feeds, scratch, **kw)
+        # low rank alone measures worst, more pruning a little better: the measurement alone prunes
+        measure = lambda ratio, ranks: 1.0 if ratio == 0.0 else 0.9 - 0.01 * ratio  # noqa: E731
+        measure.__dict__.update(inner.__dict__)
+        return measure
+
+    monkeypatch.setattr(LA, "output_error_fn", fake)
+    picked = {}
+    for rank_by in ("measured", "product"):
+        monkeypatch.setattr(LS, "IMAGE_RANK_BY", rank_by)
+        r = spa.prune(str(DEMO), lowrank="auto", flops_target=0.7, benchmark=False)
+        tried = [t for t in r.report.options["lowrank_allocation"]["tried"] if "measured_error" in t]
+        assert len(tried) >= 3
+        key = (lambda t: t["measured_error"]) if rank_by == "measured" else (lambda t: t["measured_error"] * t["estimated_error"])
+        assert r.report.options["searched_ratio"] == min(tried, key=key)["ratio"]
+        picked[rank_by] = r.report.options["searched_ratio"]
+    assert picked["measured"] > 0.0 == picked["product"]  # the two rules disagree here
+    feeds, kw = seen[-1]
+    assert kw["rank_by"] == "product" and kw["kind"] == "relative" and len(feeds) == LS.IMAGE_SAMPLES
+    assert all(np.array_equal(a["input"], b["input"]) for a, b in zip(feeds, want))  # the pink images, seeded by --seed
+    with pytest.raises(ValueError):
+        real(model, None, None, [], None, rank_by="estimate")

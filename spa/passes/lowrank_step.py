@@ -42,7 +42,8 @@ from spa.passes.lowrank import LowRankPass
 if TYPE_CHECKING:  # pragma: no cover
     from spa.pipeline import State
 
-__all__ = ["lowrank_step", "choose_ranks", "relative_error", "allocation_feeds", "allocation_measure", "held_out_split", "HELD_OUT"]
+__all__ = ["lowrank_step", "choose_ranks", "relative_error", "allocation_feeds", "allocation_measure", "IMAGE_SAMPLES", "IMAGE_KIND", "IMAGE_RANK_BY", "held_out_split", "HELD_OUT",
+           "SYNTHETIC_SAMPLES", "SYNTHETIC_IDS", "SYNTHETIC_MASK", "DATA_FREE_ERROR"]
 
 logger = logging.getLogger(__name__)
 
@@ -156,14 +157,74 @@ def held_out_split(n: int, seed: int) -> tuple[list[int], list[int]]:
     return [i for i in range(n) if i not in held], held
 
 
-def allocation_feeds(s: State) -> list[dict[str, np.ndarray]]:
-    """One seeded random feed (``spa.inputs``), as the verification inputs are made: what the
-    allocator measures on without calibration data."""
-    from spa.inputs import make_feeds, resolve_input_shapes
+#: Without calibration data, a model with token-id inputs (``spa.lowrank_alloc.embedding_tables``)
+#: is measured on this many seeded synthetic feeds (``o.seed``, ``o.seed + 1``, …): one random
+#: feed (ids 0/1, a random 0/1 mask) ranked MiniLM's candidates in nearly the reverse order of
+#: real sentences (docs/lowrank.md, ``benchmarks/lowrank_inputs.py``). Other models: one
+#: seeded random feed here (data-free compensation); with nothing fitted see ``IMAGE_SAMPLES``.
+SYNTHETIC_SAMPLES = 8
+#: Token ids and attention masks of those feeds (``spa.lowrank_alloc.synthetic_token_feeds``):
+#: ids drawn from the embedding rows in proportion to their norm, masks ones then zeros.
+SYNTHETIC_IDS, SYNTHETIC_MASK = "norm", "prefix"
+#: What the allocator compares a token model's candidates by without data
+#: (``spa.lowrank_alloc.ERROR_KINDS``): the per-position cosine, which on synthetic and on real
+#: MiniLM inputs orders candidates as the embeddings' cosine on real sentences does; the
+#: relative squared error does not, even on real sentences. Other models: ``relative``.
+DATA_FREE_ERROR = "cosine"
+
+
+#: Without calibration data and with nothing fitted, a model without token inputs whose input
+#: is an image (``spa.calibration.synthetic_source``: float, 4-D, both spatial dims ≥ 8) is
+#: measured on this many seeded ``IMAGE_KIND`` images (``spa.calibration.synthetic_feeds``,
+#: 1/f "pink" noise), other such models on one seeded random input; both by the relative error,
+#: the candidates ranked by measured error × estimate (``IMAGE_RANK_BY``,
+#: ``spa.lowrank_alloc.RANK_BY``): on the digits CNN the measurement alone on one random input
+#: chose pruning (accuracy 0.538) over low rank (0.974) at FLOPs 0.6 with --round-to 8, and no
+#: synthetic input or error measure alone was never worse than the better single method; the
+#: product was, on every input scheme tried (docs/lowrank.md, ``benchmarks/lowrank_inputs.py``).
+IMAGE_SAMPLES, IMAGE_KIND, IMAGE_RANK_BY = 8, "pink", "product"
+
+
+def _image_feeds(s: State) -> list[dict[str, np.ndarray]] | None:
+    """``IMAGE_SAMPLES`` seeded ``IMAGE_KIND`` feeds where the model has an image input, else None."""
+    from spa.calibration import synthetic_feeds, synthetic_source
+    from spa.inputs import resolve_input_shapes
 
     o = s.options
     shapes = resolve_input_shapes(s.model, o.input_shapes)
-    return [make_feeds(s.model, shapes, seed=o.seed, values=o.input_values)]
+    if synthetic_source(s.model, shapes, IMAGE_KIND, o.input_values) == "synthetic":
+        return None
+    return list(synthetic_feeds(s.model, shapes, kind=IMAGE_KIND, samples=IMAGE_SAMPLES, seed=o.seed, values=o.input_values))
+
+
+def _token_model(s: State) -> bool:
+    from spa.lowrank_alloc import embedding_tables
+
+    return bool(embedding_tables(s.model))
+
+
+def allocation_feeds(s: State) -> list[dict[str, np.ndarray]]:
+    """What the allocator measures on without calibration data: for a model with token-id
+    inputs, ``SYNTHETIC_SAMPLES`` seeded feeds from its own weights
+    (``spa.lowrank_alloc.synthetic_token_feeds``: ids by embedding-row norm, prefix attention
+    masks, other inputs as ``spa.inputs.make_feeds`` makes them); otherwise one seeded random
+    feed (``make_feeds``), as the verification inputs are made."""
+    from spa.inputs import resolve_input_shapes
+    from spa.lowrank_alloc import synthetic_token_feeds
+
+    o = s.options
+    shapes = resolve_input_shapes(s.model, o.input_shapes)
+    n = SYNTHETIC_SAMPLES if _token_model(s) else 1
+    return synthetic_token_feeds(s.model, shapes, seed=o.seed, samples=n, ids=SYNTHETIC_IDS, mask=SYNTHETIC_MASK, values=o.input_values)
+
+
+def _synthetic_note(s: State) -> str:
+    from spa.lowrank_alloc import embedding_tables
+
+    tokens = embedding_tables(s.model)
+    if not tokens:
+        return "one seeded random input"
+    return f"{SYNTHETIC_SAMPLES} seeded synthetic feeds: token ids ({', '.join(tokens)}) by embedding-row norm, attention masks a prefix of ones"
 
 
 def allocation_measure(s: State, cg: Any, removed_at: Any) -> Any:
@@ -171,27 +232,40 @@ def allocation_measure(s: State, cg: Any, removed_at: Any) -> Any:
     ``s.notes["lowrank_measurement"]``.
 
     Nothing fitted to data (no calibration, ``--compensate none``): each candidate pruned and
-    factorized on a copy, measured on one seeded input. Otherwise each candidate is built by the
-    pipeline (``spa.apply``: compensation, the whitened SVD, folding, as the result will be);
-    with calibration data, fitted on three quarters of the samples and measured on the quarter
-    held out (:func:`held_out_split`), since a fit measured on its own samples looks better than
-    it is. Outputs are compared on real positions where the feeds have an attention mask."""
+    factorized on a copy; for a token model every candidate of the grid, on
+    :func:`allocation_feeds`, by the per-position cosine (``DATA_FREE_ERROR``); otherwise the
+    usual four, on ``IMAGE_SAMPLES`` synthetic images (an image input) or one random input, by
+    the relative error, ranked by measured × estimated error (``IMAGE_RANK_BY``). Otherwise each candidate is built by the pipeline
+    (``spa.apply``: compensation, the whitened SVD, folding, as the result will be); with
+    calibration data, fitted on three quarters of the samples and measured on the quarter held
+    out (:func:`held_out_split`) by the relative output error, since a fit measured on its own
+    samples looks better than it is; without (data-free compensation), on
+    :func:`allocation_feeds`, by the cosine for a token model. Outputs are compared on real positions where the
+    feeds have an attention mask."""
     import dataclasses
     import itertools
 
-    from spa.lowrank_alloc import built_error_fn, output_error_fn
+    from spa.lowrank_alloc import GRID, built_error_fn, output_error_fn
 
     o = s.options
     calib = s.calibration or open_calibration(o.calibration, s.model, o.calibration_samples)
+    tokens = calib is None and _token_model(s)
     if calib is None and o.compensate == "none":
-        feeds = allocation_feeds(s)
-        s.notes["lowrank_measurement"] = {"built": "pruned and factorized copy (nothing fitted)", "inputs": "one seeded random input",
-                                          "positions": _positions_note(feeds)}
-        return output_error_fn(s.model, cg, removed_at, feeds, s.scratch)
+        images = None if tokens else _image_feeds(s)
+        feeds = images or allocation_feeds(s)
+        kind = DATA_FREE_ERROR if tokens else "relative"
+        rank_by = "measured" if tokens else IMAGE_RANK_BY
+        inputs = f"{IMAGE_SAMPLES} seeded synthetic {IMAGE_KIND}-noise images" if images else _synthetic_note(s)
+        s.notes["lowrank_measurement"] = {"built": "pruned and factorized copy (nothing fitted)", "inputs": inputs,
+                                          "positions": _positions_note(feeds), "error": kind,
+                                          "candidates": "every one of the grid" if tokens else "both single methods and the least estimates",
+                                          "ranked_by": "measured error" if tokens else "measured error × estimated error"}
+        return output_error_fn(s.model, cg, removed_at, feeds, s.scratch, kind=kind, candidates=GRID if tokens else None, rank_by=rank_by)
     fit: list[dict[str, np.ndarray]] | None = None
+    kind = "relative"
     if calib is None:
         feeds = allocation_feeds(s)
-        inputs = "one seeded random input"
+        inputs, kind = _synthetic_note(s), DATA_FREE_ERROR if tokens else "relative"
     else:
         data = list(itertools.islice(iter(calib), o.calibration_samples))
         fit_i, held_i = held_out_split(len(data), o.seed)
@@ -201,8 +275,8 @@ def allocation_measure(s: State, cg: Any, removed_at: Any) -> Any:
     options = dataclasses.replace(o, calibration=fit, verify="none", benchmark=False, target="onnx", keep_opset=False, tune_trials=0,
                                   latency_target=None)
     s.notes["lowrank_measurement"] = {"built": "by the pipeline (spa.apply: compensation, whitened factors, fold as requested)",
-                                      "inputs": inputs, "positions": _positions_note(feeds)}
-    return built_error_fn(s.model, cg, removed_at, feeds, s.scratch, options)
+                                      "inputs": inputs, "positions": _positions_note(feeds), "error": kind}
+    return built_error_fn(s.model, cg, removed_at, feeds, s.scratch, options, kind=kind)
 
 
 def _positions_note(feeds: list[dict[str, np.ndarray]]) -> str:
