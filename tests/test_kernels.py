@@ -183,6 +183,55 @@ def test_pad_amounts_computed_from_shapes_are_folded_for_the_importer(tmp_path: 
         build(model, parse_target("llvm"), feeds)
 
 
+def _constant_chain_pads(tmp_path: pathlib.Path) -> pathlib.Path:
+    """timm's hgnetv2 stem (``F.pad`` as torch exports it): the pads are a Concat → Reshape →
+    Slice (reversed) → Transpose → Reshape → Cast chain of Constant nodes."""
+    c = lambda name, v: helper.make_node("Constant", [], [name], value=helper.make_tensor(name + "_t", TensorProto.INT64, [len(v)], v))  # noqa: E731
+    nodes = [
+        c("base", [0, 1, 0, 1]), c("four", [4]),
+        helper.make_node("ConstantOfShape", ["four"], ["zeros"], value=helper.make_tensor("z", TensorProto.INT64, [1], [0])),
+        helper.make_node("Concat", ["base", "zeros"], ["cat"], axis=0),
+        c("shape2", [-1, 2]), helper.make_node("Reshape", ["cat", "shape2"], ["pairs"]),
+        c("start", [-1]), c("end", [-9223372036854775807]), c("axis", [0]), c("step", [-1]),
+        helper.make_node("Slice", ["pairs", "start", "end", "axis", "step"], ["rev"]),
+        helper.make_node("Transpose", ["rev"], ["tr"], perm=[1, 0]),
+        c("flat", [-1]), helper.make_node("Reshape", ["tr", "flat"], ["pads64"]),
+        helper.make_node("Cast", ["pads64"], ["pads"], to=TensorProto.INT64),
+        helper.make_node("Pad", ["x", "pads"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    path = tmp_path / "stem_pads.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_pad_amounts_from_constant_chains_are_folded_for_the_importer(tmp_path: pathlib.Path) -> None:
+    from spa.kernels import build as build_mod
+
+    model = _constant_chain_pads(tmp_path)
+    feeds = _feeds(model)
+    module = load(build_mod.export(build(model, parse_target("llvm"), feeds), tmp_path / "stem.so"))
+    build_mod.check_against_ort(module.run(None, feeds), verify.run(verify.session(model), feeds), module.output_names)
+
+
+def test_import_failure_is_one_line_and_stdout_stays_clean(tmp_path: pathlib.Path) -> None:
+    """Pads computed from the data: TVM's frontend refuses them, printing its own lines to
+    stdout and a C++ warning to stderr; spa's answer is one line and ``--json`` output stays clean."""
+    nodes = [helper.make_node("ReduceMax", ["x"], ["m"], keepdims=0), helper.make_node("Abs", ["m"], ["a"]),
+             helper.make_node("Cast", ["a"], ["c"], to=TensorProto.INT64), helper.make_node("Min", ["c", "one"], ["c1"]),
+             helper.make_node("Expand", ["c1", "eight"], ["pads"]), helper.make_node("Pad", ["x", "pads"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [helper.make_tensor("eight", TensorProto.INT64, [1], [8]), helper.make_tensor("one", TensorProto.INT64, [], [1])])
+    path = tmp_path / "data_pads.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    proc = run_process("compile", str(path), "--target", "llvm", "--json", "-o", str(tmp_path / "out.so"))
+    assert_refused(proc)
+    assert "Pad" in proc.stderr or "pads" in proc.stderr
+    assert proc.stdout.strip() == ""
+
+
 def _depthwise(tmp_path: pathlib.Path, channels: int, size: int, kernel: int) -> pathlib.Path:
     rng = np.random.default_rng(0)
     w = helper.make_tensor("w", TensorProto.FLOAT, [channels, 1, kernel, kernel], rng.standard_normal(channels * kernel * kernel).astype(np.float32))

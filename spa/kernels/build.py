@@ -9,12 +9,17 @@ prune --target`` still writes the pruned ONNX).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
+import io
 import json
 import logging
 import os
 import pathlib
 import re
+import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -82,18 +87,55 @@ def _fold_to_fixpoint(model: ir.Model) -> ir.Model:
     shape is known (ONNX Runtime fills in the rest), but the importer needs the *values* such
     arithmetic computes to be constants too: timm's Swin computes its later stages' Pad amounts
     by Shape → Gather → Mod, each stage's fold unlocking the next, and was refused ("Dynamic
-    pads are not supported") after the two rounds ``specialize`` runs."""
+    pads are not supported") after the two rounds ``specialize`` runs. Constant-only chains
+    are folded too (``FoldConstantsPass``, as the pruning pipeline does): hgnetv2's stem builds
+    its pads by Concat → Reshape → Slice → Transpose → Reshape → Cast of constants, which made
+    ``spa compile`` refuse a model that ``spa prune --target`` built."""
     import onnx_ir.passes.common as common
 
     from spa.passes.canonicalize import infer_shapes
+    from spa.passes.fold_constants import FoldConstantsPass
     from spa.passes.fold_shapes import FoldShapesPass
 
+    common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)  # as canonicalize does: folding reads initializers
     for _ in range(IMPORT_FOLD_ROUNDS):
-        if not FoldShapesPass()(model).modified:
+        shapes = FoldShapesPass()(model).modified
+        constants = FoldConstantsPass()(model).modified  # e.g. hgnetv2's stem pads: a Concat → … → Cast chain of constants
+        if not (shapes or constants):
             break
         common.RemoveUnusedNodesPass()(model)
         infer_shapes(model)
     return model
+
+
+@contextlib.contextmanager
+def _frontend_output_to_log():
+    """TVM's ONNX frontend prints to stdout where a converter fails ("Error converting operator
+    Pad, with inputs: …", which would corrupt ``--json``), and its C++ BlockBuilder warns on
+    stderr when the failed import is collected: both go to the debug log instead, and the
+    failure is one line (the CompileError)."""
+    printed = io.StringIO()  # Python-level prints (whatever sys.stdout is: a CLI runner's too)
+    with tempfile.TemporaryFile(mode="w+b") as sink:  # C++ writes to the process's fds 1 and 2
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        saved = [os.dup(1), os.dup(2)]
+        try:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+                try:
+                    yield
+                finally:
+                    gc.collect()  # the failed import's BlockBuilder warns when it is destroyed: here, not later
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+        sink.seek(0)
+        text = (printed.getvalue() + sink.read().decode(errors="replace")).strip()
+    if text:
+        logger.debug("TVM's frontend printed: %s", text)
 
 
 def import_onnx(model: ir.Model | onnx.ModelProto, feeds: Mapping[str, np.ndarray]):
@@ -111,10 +153,14 @@ def import_onnx(model: ir.Model | onnx.ModelProto, feeds: Mapping[str, np.ndarra
     if missing:
         raise CompileError(f"TVM's ONNX importer has no converter for {', '.join(missing)}")
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
-    try:
-        mod = from_onnx(proto, shape_dict=shapes, dtype_dict={k: str(v.dtype) for k, v in feeds.items()}, opset=opset)
-    except Exception as e:  # noqa: BLE001 - the frontend raises many types; the op is in the text
-        raise CompileError(f"TVM cannot import the model: {first_line(e)}") from None
+    error = None
+    with _frontend_output_to_log():
+        try:
+            mod = from_onnx(proto, shape_dict=shapes, dtype_dict={k: str(v.dtype) for k, v in feeds.items()}, opset=opset)
+        except Exception as e:  # noqa: BLE001 - the frontend raises many types; the op is in the text
+            error = first_line(e)  # the exception (and the frontend state its traceback holds) dies here, inside the redirect
+    if error is not None:
+        raise CompileError(f"TVM cannot import the model: {error}")
     names = [v.name for v in static.graph.inputs if v.name in feeds]
     signature = Signature([(n, list(feeds[n].shape), str(feeds[n].dtype)) for n in names], [v.name for v in static.graph.outputs])
     return mod, signature
