@@ -25,7 +25,7 @@ import logging
 import pathlib
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -40,6 +40,7 @@ __all__ = [
     "resolve_input_shapes",
     "make_feeds",
     "specialize",
+    "fold_rounds",
     "observe_shapes",
 ]
 
@@ -244,6 +245,29 @@ FOLD_ROUNDS = 2
 everything by folding alone, 1.7 s; 2 rounds then one ORT run take 1.5 s and always finish)."""
 
 
+def fold_rounds(model: ir.Model, rounds: int, *, constants: bool = False, done: Callable[[], bool] | None = None) -> None:
+    """Fold shape arithmetic (and, with ``constants``, constant-only chains:
+    ``FoldConstantsPass``), then infer shapes again, at most ``rounds`` times: each round's
+    constants can unlock the next Shape → Reshape. Stops when a round folds nothing, or before
+    a round when ``done()`` says enough is known."""
+    import onnx_ir.passes.common as common
+
+    from spa.passes.canonicalize import infer_shapes
+    from spa.passes.fold_constants import FoldConstantsPass
+    from spa.passes.fold_shapes import FoldShapesPass
+
+    for _ in range(rounds):
+        if done is not None and done():
+            break
+        modified = FoldShapesPass()(model).modified
+        if constants:
+            modified = FoldConstantsPass()(model).modified or modified
+        if not modified:
+            break
+        common.RemoveUnusedNodesPass()(model)
+        infer_shapes(model)
+
+
 def _node_outputs(graph: ir.Graph, *, recursive: bool) -> list[ir.Value]:
     nodes = graph.all_nodes() if recursive else graph
     return [v for n in nodes for v in n.outputs if v is not None and v.name]
@@ -306,8 +330,6 @@ def specialize(
     original's channel analysis applies to the copy unchanged.
     """
     from spa.passes.canonicalize import infer_shapes
-    from spa.passes.fold_shapes import FoldShapesPass
-    import onnx_ir.passes.common as common
 
     copy = model.clone()
     for v in graph_inputs(copy):
@@ -318,11 +340,7 @@ def specialize(
         if not _static(v):
             v.shape = None
     infer_shapes(copy)
-    for _ in range(FOLD_ROUNDS):  # each round's shapes can unlock the next Shape → Reshape
-        if not _unresolved(copy.graph) or not FoldShapesPass()(copy).modified:
-            break
-        common.RemoveUnusedNodesPass()(copy)
-        infer_shapes(copy)
+    fold_rounds(copy, FOLD_ROUNDS, done=lambda: not _unresolved(copy.graph))
     pending = _unresolved(copy.graph)
     if pending and observe is not False:
         if observe is True:

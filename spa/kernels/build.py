@@ -93,18 +93,10 @@ def _fold_to_fixpoint(model: ir.Model) -> ir.Model:
     ``spa compile`` refuse a model that ``spa prune --target`` built."""
     import onnx_ir.passes.common as common
 
-    from spa.passes.canonicalize import infer_shapes
-    from spa.passes.fold_constants import FoldConstantsPass
-    from spa.passes.fold_shapes import FoldShapesPass
+    from spa.inputs import fold_rounds
 
     common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)  # as canonicalize does: folding reads initializers
-    for _ in range(IMPORT_FOLD_ROUNDS):
-        shapes = FoldShapesPass()(model).modified
-        constants = FoldConstantsPass()(model).modified  # e.g. hgnetv2's stem pads: a Concat → … → Cast chain of constants
-        if not (shapes or constants):
-            break
-        common.RemoveUnusedNodesPass()(model)
-        infer_shapes(model)
+    fold_rounds(model, IMPORT_FOLD_ROUNDS, constants=True)
     return model
 
 
