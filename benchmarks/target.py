@@ -265,6 +265,9 @@ def part_rounding(args, folder: pathlib.Path) -> None:
 
 #: (in, out, image size, kernel) of the ``layout`` part: ResNet-50's convs at ratio 0.5.
 LAYOUT_CONVS = ((64, 64, 28, 3), (256, 256, 7, 3), (512, 128, 14, 1))
+#: Data and kernel layouts ``ConvertLayout`` is asked for; NCHW16c is MLAS's own blocking (16
+#: floats, one AVX-512 register) and TOPI's x86 conv2d_NCHWc.
+LAYOUTS = {"NHWC": ("NHWC", "OHWI"), "NCHW16c": ("NCHW16c", "OIHW16i16o"), "NCHW8c": ("NCHW8c", "OIHW8i8o")}
 
 
 def _conv_relu(cin: int, cout: int, size: int, kernel: int):
@@ -301,10 +304,11 @@ def part_layout(args, folder: pathlib.Path) -> None:
         sess = verify.session(path)
         want = sess.run(None, feeds)[0]
         runners = []
-        for layout in ("NCHW", "NHWC"):
+        layouts = args.layouts.split(",")
+        for layout in layouts:
             mod, _ = import_onnx(model, feeds)
-            if layout == "NHWC":
-                mod = relax.transform.FoldConstant()(relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod))
+            if layout != "NCHW":
+                mod = relax.transform.FoldConstant()(relax.transform.ConvertLayout({"relax.nn.conv2d": list(LAYOUTS[layout])})(mod))
             db = folder / f"layout-{layout}-{cin}-{cout}-{size}-{kernel}"
             executable, _ = tune_and_build(mod, tgt, Tuning(db, trials=args.layout_trials))
             vm = relax.VirtualMachine(executable, tvm.cpu())
@@ -315,7 +319,8 @@ def part_layout(args, folder: pathlib.Path) -> None:
         m = verify.time_side_by_side(runners, budget_s=args.budget)
         rows.append([f"{kernel}×{kernel}, {cin}→{cout}, {size}×{size}"] + [f"{v:.3f}" for v in m.median_ms])
     print(f"\nconv layouts on llvm, {args.layout_trials} trials per layout (one side-by-side run per conv, budget {args.budget} s)")
-    print(table(["conv", "TVM NCHW ms", "TVM NHWC ms (boundary transforms included)", "ORT ms"], rows))
+    print(table(["conv"] + [f"TVM {lay} ms" for lay in layouts] + ["ORT ms"], rows))
+    print("(layouts other than NCHW include their boundary layout transforms)")
 
 
 def main() -> int:
@@ -333,6 +338,7 @@ def main() -> int:
     p.add_argument("--rounding-models", default="resnet50,mobilenetv2,resnet")
     p.add_argument("--round-to", type=int, default=8, help="the uniform curve's rounding (--latency-target's default)")
     p.add_argument("--layout-trials", type=int, default=96, help="MetaSchedule trials per conv and layout (part layout)")
+    p.add_argument("--layouts", default="NCHW,NHWC,NCHW16c", help="conv layouts compared by part layout (NCHW first)")
     args = p.parse_args()
     folder = pathlib.Path(tempfile.mkdtemp(prefix="spa-target-"))
     try:

@@ -29,6 +29,7 @@ import onnx
 import onnx_ir as ir
 
 from spa.kernels.errors import CompileError, first_line
+from spa.kernels.layout import block_convs
 from spa.kernels.target import TargetSpec
 
 __all__ = ["Signature", "Built", "import_onnx", "build", "export", "check_against_ort", "TOLERANCE"]
@@ -64,6 +65,8 @@ class Built:
     tuning: dict[str, Any] | None = None
     #: CUDA only: the generated source compiled ahead of time with nvcc (``check_cuda_source``).
     cuda_check: dict[str, Any] | None = None
+    #: The convs' layout (``spa.kernels.layout.block_convs``): NCHW, or NCHW{b}c on x86 CPUs.
+    layout: dict[str, Any] | None = None
 
 
 def _unsupported_ops(model: onnx.ModelProto) -> list[str]:
@@ -180,6 +183,11 @@ def build(
     tgt = target.tvm()
     info = None
     try:
+        mod, layout = block_convs(mod, target)
+    except Exception as e:  # noqa: BLE001 - a layout TVM cannot convert: NCHW builds as before
+        logger.debug("conv blocking failed", exc_info=True)
+        layout = {"conv_layout": "NCHW", "blocking_failed": first_line(e)}
+    try:
         if tuning is not None:
             from spa.kernels.tune import tune_and_build
 
@@ -192,7 +200,7 @@ def build(
         raise
     except Exception as e:  # noqa: BLE001 - a TVM build failure: the op is in the message
         raise CompileError(f"TVM cannot build the model for {target.text}: {first_line(e)}") from None
-    built = Built(executable, signature, target, time.perf_counter() - start, info)
+    built = Built(executable, signature, target, time.perf_counter() - start, info, layout=layout)
     if target.kind == "cuda":
         built.cuda_check = check_cuda_source(built)
     return built

@@ -85,6 +85,7 @@ def compile_onnx(
         "module": str(path),
         "compile_s": round(built.compile_s, 3),
         "tuning": built.tuning,
+        "layout": built.layout,
         "cuda_check": built.cuda_check,
         "notes": list(o.target.notes),
     }
