@@ -243,6 +243,81 @@ def _depthwise(tmp_path: pathlib.Path, channels: int, size: int, kernel: int) ->
     return path
 
 
+def _mixed_convs(tmp_path: pathlib.Path) -> pathlib.Path:
+    """stem 3→16 (3 input channels: stays NCHW) → 3×3 16→16 + bias, residual Add, Relu
+    (blocked) → depthwise 16 (groups: NCHW) → 1×1 16→12 (12 channels: NCHW) → global pool."""
+    rng = np.random.default_rng(0)
+
+    def t(name: str, *shape: int) -> onnx.TensorProto:
+        return helper.make_tensor(name, TensorProto.FLOAT, list(shape), (rng.standard_normal(shape) * 0.3).astype(np.float32).ravel())
+
+    inits = [t("ws", 16, 3, 3, 3), t("w1", 16, 16, 3, 3), t("b1", 16), t("wd", 16, 1, 3, 3), t("w2", 12, 16, 1, 1)]
+    nodes = [
+        helper.make_node("Conv", ["x", "ws"], ["s"], pads=[1] * 4, strides=[2, 2]),
+        helper.make_node("Conv", ["s", "w1", "b1"], ["c1"], pads=[1] * 4),
+        helper.make_node("Add", ["c1", "s"], ["a"]),
+        helper.make_node("Relu", ["a"], ["r"]),
+        helper.make_node("Conv", ["r", "wd"], ["d"], pads=[1] * 4, group=16),
+        helper.make_node("Conv", ["d", "w2"], ["c2"]),
+        helper.make_node("GlobalAveragePool", ["c2"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 20, 20])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    path = tmp_path / "mixed.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_llvm_blocks_only_convs_whose_channels_fill_a_vector(tmp_path: pathlib.Path) -> None:
+    """On an x86 host the one conv with 16 in and 16 out channels and one group runs in
+    NCHW{b}c; the stem, the depthwise and the 12-channel conv stay NCHW; the module equals ORT."""
+    from spa.kernels.build import check_against_ort
+    from spa.kernels.layout import block_size
+    from spa.kernels.runtime import from_built
+
+    model = _mixed_convs(tmp_path)
+    feeds = _feeds(model)
+    target = parse_target("llvm")
+    built = build(model, target, feeds)
+    block = block_size(target)
+    if block:
+        assert built.layout == {"conv_layout": f"NCHW{block}c", "convs_blocked": 1, "convs": 4}
+    else:
+        assert built.layout["conv_layout"] == "NCHW"
+    module = from_built(built)
+    check = check_against_ort(module.run(None, feeds), verify.run(verify.session(model), feeds), module.output_names)
+    assert check["max_abs_diff"] <= 1e-4
+
+
+def test_a_blocked_module_tvm_cannot_build_is_built_in_nchw(tmp_path: pathlib.Path, monkeypatch) -> None:
+    import spa.kernels.build as build_mod
+    from spa.kernels.layout import block_size
+
+    if not block_size(parse_target("llvm")):
+        pytest.skip("convs are blocked on x86 hosts only")
+    real = build_mod._compile
+    seen = []
+
+    def fail_blocked(mod, tgt, target, tuning):
+        seen.append(mod)
+        if len(seen) == 1:
+            raise RuntimeError("cannot build this layout")
+        return real(mod, tgt, target, tuning)
+
+    monkeypatch.setattr(build_mod, "_compile", fail_blocked)
+    model = _mixed_convs(tmp_path)
+    built = build(model, parse_target("llvm"), _feeds(model))
+    assert built.layout == {"conv_layout": "NCHW", "blocking_failed": "cannot build this layout"}
+    assert len(seen) == 2 and seen[0] is not seen[1]
+
+
+def test_convs_stay_nchw_off_x86_cpus() -> None:
+    from spa.kernels.layout import block_size
+
+    assert block_size(parse_target("cuda -arch=sm_80")) == 0
+    assert block_size(parse_target("llvm -mtriple=aarch64-linux-gnu")) == 0
+
+
 @pytest.mark.parametrize(("channels", "size", "kernel"), [(32, 7, 1), (64, 1, 3)])
 def test_cuda_builds_convs_the_default_gpu_schedules_assert_on(tmp_path: pathlib.Path, channels: int, size: int, kernel: int) -> None:
     """A depthwise conv with a 1×1 kernel, or on a 1×1 image: TVM's dlight GEMV/Matmul rules

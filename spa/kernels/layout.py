@@ -112,8 +112,10 @@ def block_convs(mod, spec: TargetSpec) -> tuple[Any, dict[str, Any]]:
         return mod, {"conv_layout": "NCHW", "convs": len(layouts)}
 
     def choose(call) -> dict[str, list[str]]:
-        if call.op.name == "relax.nn.conv2d" and _blockable(call, block):
-            return {"relax.nn.conv2d": [f"NCHW{block}c", f"OIHW{block}i{block}o"]}
+        # A conv left out must still name its layout: with none, TVM's conv2d layout inference
+        # takes a blocked producer's 5-D layout for its own 4-D one and fails.
+        if call.op.name == "relax.nn.conv2d":
+            return {"relax.nn.conv2d": [f"NCHW{block}c", f"OIHW{block}i{block}o"] if _blockable(call, block) else ["NCHW", "OIHW"]}
         return {}
 
     converted = relax.transform.ConvertLayout({}, layout_cb=choose)(mod)
