@@ -1,7 +1,7 @@
 """The device target (spa.kernels): what pruning and compiling each bring, tuning-database reuse,
 and CUDA compilation over the zoo.
 
-    python benchmarks/target.py [--parts resnet50,reuse,cuda,latency,rounding,layout] [--trials 0] [--tuning-db DIR]
+    python benchmarks/target.py [--parts resnet50,reuse,cuda,llvm,latency,rounding,layout] [--trials 0] [--tuning-db DIR]
                                 [--model resnet50] [--ratio 0.5] [--budget 10] [--arch sm_80]
 
 * ``resnet50``: the zoo's ResNet-50 (``--model``), pruned by spa at ``--ratio``; one side-by-side
@@ -18,8 +18,11 @@ and CUDA compilation over the zoo.
   timed side by side in one run), relative output error, the task's metric, and the uniform
   curve's error at each point's measured latency.
 * ``rounding``: ``--rounding-models`` pruned with ``--round-to`` 1, 8 and 16, timed side by side.
-* ``layout``: one conv + ReLU per shape of ``LAYOUT_CONVS``, tuned in NCHW and in NHWC, timed
-  side by side with ORT (why spa keeps NCHW on llvm).
+* ``layout``: one conv + ReLU per shape of ``LAYOUT_CONVS``, tuned in NCHW, NHWC and spa's
+  channel-blocked NCHW{b}c (``--layouts``), timed side by side with ORT (why spa blocks convs on
+  x86).
+* ``llvm``: every zoo model pruned and built for llvm with default schedules: the conv layout
+  each got (channel-blocked where it applies) and the module checked against ORT.
 * ``cuda``: every zoo model (models/zoo.py) imported into TVM and built for ``cuda -arch``; the
   generated CUDA C compiled ahead of time by nvcc. Count, and the failures with their op.
 
@@ -83,7 +86,9 @@ def part_resnet50(args, folder: pathlib.Path) -> None:
         runners.append(timer)
         names.append(label)
         tuned = b.tuning or {}
-        notes.append(f"{label}: built in {b.compile_s:.1f} s; max |diff| vs ORT pruned {check['max_abs_diff']:.3g}"
+        lay = b.layout or {}
+        notes.append(f"{label}: built in {b.compile_s:.1f} s, convs {lay.get('conv_layout')} ({lay.get('convs_blocked', 0)} of {lay.get('convs', 0)} blocked); "
+                     f"max |diff| vs ORT pruned {check['max_abs_diff']:.3g}"
                      + (f"; tuning {tuned.get('tune_s', 0):.0f} s, {tuned.get('tasks_tuned')} tasks tuned, {tuned.get('tasks_from_database')} from the database" if tuned else ""))
     m = verify.time_side_by_side(runners, budget_s=args.budget)
     base = m.median_ms[0]
@@ -133,6 +138,39 @@ def part_cuda(args, folder: pathlib.Path) -> None:
             rows.append([name, "failed", str(e)[:90]])
     print(f"\nCUDA ({args.arch}) compilation of the zoo: {ok}/{len(zoo.NAMES)} built and compiled by nvcc; failed: {', '.join(failed) or 'none'}")
     print(table(["model", "result", "detail"], rows))
+
+
+def part_llvm(args, folder: pathlib.Path) -> None:
+    """Every zoo model pruned at ``--ratio`` and built for llvm with the default schedules (the
+    blocked conv layout where it applies): which layout each got, and the module against ORT on
+    the pruned model (atol 1e-4, rtol 1e-3)."""
+    import zoo
+    from spa.kernels.runtime import from_built
+
+    target = parse_target("llvm")
+    rows, ok = [], 0
+    for name in zoo.NAMES:
+        try:
+            path = _export(name, folder)
+            pruned = folder / f"{name}.llvm.spa.onnx"
+            spa.prune(path, ratio=args.ratio, benchmark=False).save(pruned)
+        except Exception as e:  # noqa: BLE001 - export or prune: not what this part measures
+            rows.append([name, "not built", "", str(e).splitlines()[0][:60]])
+            continue
+        feeds = verify.make_inputs(verify.session(pruned))
+        try:
+            b = build(pruned, target, feeds)
+            module = from_built(b)
+            check = check_against_ort(module.run(None, feeds), verify.run(verify.session(pruned), feeds), module.output_names)
+        except CompileError as e:  # a build failure, or outputs that differ from ORT's
+            rows.append([name, "failed", "", str(e)[:90]])
+            continue
+        ok += 1
+        lay = b.layout or {}
+        convs = f"{lay.get('convs_blocked', 0)}/{lay.get('convs', 0)} blocked" if lay.get("convs") else "no conv2d"
+        rows.append([name, "equal to ORT", f"{lay.get('conv_layout')} ({convs})", f"max |diff| {check['max_abs_diff']:.2g}" + (f"; {lay['blocking_failed']}" if lay.get("blocking_failed") else "")])
+    print(f"\nllvm builds of the zoo, pruned at {args.ratio}, default schedules: {ok}/{len(zoo.NAMES)} equal to ORT")
+    print(table(["model", "result", "conv layout", "detail"], rows))
 
 
 def _latency_model(name: str, folder: pathlib.Path):
@@ -265,9 +303,6 @@ def part_rounding(args, folder: pathlib.Path) -> None:
 
 #: (in, out, image size, kernel) of the ``layout`` part: ResNet-50's convs at ratio 0.5.
 LAYOUT_CONVS = ((64, 64, 28, 3), (256, 256, 7, 3), (512, 128, 14, 1))
-#: Data and kernel layouts ``ConvertLayout`` is asked for; NCHW16c is MLAS's own blocking (16
-#: floats, one AVX-512 register) and TOPI's x86 conv2d_NCHWc.
-LAYOUTS = {"NHWC": ("NHWC", "OHWI"), "NCHW16c": ("NCHW16c", "OIHW16i16o"), "NCHW8c": ("NCHW8c", "OIHW8i8o")}
 
 
 def _conv_relu(cin: int, cout: int, size: int, kernel: int):
@@ -285,18 +320,22 @@ def _conv_relu(cin: int, cout: int, size: int, kernel: int):
 
 
 def part_layout(args, folder: pathlib.Path) -> None:
-    """Convs in NCHW (the ONNX model's layout, what spa builds) against NHWC (TVM's
-    ``ConvertLayout``, OHWI weights folded) on llvm: one conv + ReLU per ``LAYOUT_CONVS`` shape,
-    each layout tuned with ``--layout-trials`` MetaSchedule trials, then both modules and ORT
-    timed side by side. Both modules are checked against ORT first."""
-    import numpy as np
+    """Convs in NCHW (the ONNX model's layout), NHWC (TVM's ``ConvertLayout``, OHWI weights
+    folded) and spa's channel-blocked NCHW{b}c (``spa.kernels.layout.block_convs``, what spa
+    builds on x86) on llvm: one conv + ReLU per ``LAYOUT_CONVS`` shape, each layout tuned with
+    ``--layout-trials`` MetaSchedule trials, then the modules and ORT timed side by side. Every
+    module is checked against ORT first."""
     import tvm
     from tvm import relax
     from spa.kernels.build import import_onnx
+    from spa.kernels.layout import block_convs
     from spa.kernels.tune import tune_and_build
 
-    tgt = parse_target("llvm").tvm()
+    target = parse_target("llvm")
+    tgt = target.tvm()
     rows = []
+    layouts = args.layouts.split(",")
+    names = list(layouts)
     for cin, cout, size, kernel in LAYOUT_CONVS:
         model, feeds = _conv_relu(cin, cout, size, kernel)
         path = folder / f"conv-{cin}-{cout}-{size}-{kernel}.onnx"
@@ -304,11 +343,13 @@ def part_layout(args, folder: pathlib.Path) -> None:
         sess = verify.session(path)
         want = sess.run(None, feeds)[0]
         runners = []
-        layouts = args.layouts.split(",")
-        for layout in layouts:
+        for i, layout in enumerate(layouts):
             mod, _ = import_onnx(model, feeds)
-            if layout != "NCHW":
-                mod = relax.transform.FoldConstant()(relax.transform.ConvertLayout({"relax.nn.conv2d": list(LAYOUTS[layout])})(mod))
+            if layout == "NHWC":
+                mod = relax.transform.FoldConstant()(relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod))
+            elif layout == "blocked":  # what spa builds on this CPU
+                mod, info = block_convs(mod, target)
+                layout = names[i] = info["conv_layout"]
             db = folder / f"layout-{layout}-{cin}-{cout}-{size}-{kernel}"
             executable, _ = tune_and_build(mod, tgt, Tuning(db, trials=args.layout_trials))
             vm = relax.VirtualMachine(executable, tvm.cpu())
@@ -319,7 +360,7 @@ def part_layout(args, folder: pathlib.Path) -> None:
         m = verify.time_side_by_side(runners, budget_s=args.budget)
         rows.append([f"{kernel}×{kernel}, {cin}→{cout}, {size}×{size}"] + [f"{v:.3f}" for v in m.median_ms])
     print(f"\nconv layouts on llvm, {args.layout_trials} trials per layout (one side-by-side run per conv, budget {args.budget} s)")
-    print(table(["conv"] + [f"TVM {lay} ms" for lay in layouts] + ["ORT ms"], rows))
+    print(table(["conv"] + [f"TVM {lay} ms" for lay in names] + ["ORT ms"], rows))
     print("(layouts other than NCHW include their boundary layout transforms)")
 
 
@@ -338,12 +379,12 @@ def main() -> int:
     p.add_argument("--rounding-models", default="resnet50,mobilenetv2,resnet")
     p.add_argument("--round-to", type=int, default=8, help="the uniform curve's rounding (--latency-target's default)")
     p.add_argument("--layout-trials", type=int, default=96, help="MetaSchedule trials per conv and layout (part layout)")
-    p.add_argument("--layouts", default="NCHW,NHWC,NCHW16c", help="conv layouts compared by part layout (NCHW first)")
+    p.add_argument("--layouts", default="NCHW,NHWC,blocked", help="conv layouts compared by part layout: NCHW, NHWC, blocked (spa's NCHW{b}c)")
     args = p.parse_args()
     folder = pathlib.Path(tempfile.mkdtemp(prefix="spa-target-"))
     try:
         for part in args.parts.split(","):
-            {"resnet50": part_resnet50, "reuse": part_reuse, "cuda": part_cuda, "latency": part_latency, "rounding": part_rounding,
+            {"resnet50": part_resnet50, "reuse": part_reuse, "cuda": part_cuda, "llvm": part_llvm, "latency": part_latency, "rounding": part_rounding,
              "layout": part_layout}[part](args, folder)
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -244,8 +244,8 @@ def _depthwise(tmp_path: pathlib.Path, channels: int, size: int, kernel: int) ->
 
 
 def _mixed_convs(tmp_path: pathlib.Path) -> pathlib.Path:
-    """stem 3→16 (3 input channels: stays NCHW) → 3×3 16→16 + bias, residual Add, Relu
-    (blocked) → depthwise 16 (groups: NCHW) → 1×1 16→12 (12 channels: NCHW) → global pool."""
+    """stem 3→16 (reads NCHW, writes blocked) → 3×3 16→16 + bias, residual Add, Relu (blocked)
+    → depthwise 16 (groups: NCHW) → 1×1 16→12 (12 out channels: NCHW) → global pool."""
     rng = np.random.default_rng(0)
 
     def t(name: str, *shape: int) -> onnx.TensorProto:
@@ -269,8 +269,8 @@ def _mixed_convs(tmp_path: pathlib.Path) -> pathlib.Path:
 
 
 def test_llvm_blocks_only_convs_whose_channels_fill_a_vector(tmp_path: pathlib.Path) -> None:
-    """On an x86 host the one conv with 16 in and 16 out channels and one group runs in
-    NCHW{b}c; the stem, the depthwise and the 12-channel conv stay NCHW; the module equals ORT."""
+    """On an x86 host the two convs with 16 out channels and one group write NCHW{b}c (the stem
+    from its NCHW input); the depthwise and the 12-channel conv stay NCHW; the module equals ORT."""
     from spa.kernels.build import check_against_ort
     from spa.kernels.layout import block_size
     from spa.kernels.runtime import from_built
@@ -281,7 +281,7 @@ def test_llvm_blocks_only_convs_whose_channels_fill_a_vector(tmp_path: pathlib.P
     built = build(model, target, feeds)
     block = block_size(target)
     if block:
-        assert built.layout == {"conv_layout": f"NCHW{block}c", "convs_blocked": 1, "convs": 4}
+        assert built.layout == {"conv_layout": f"NCHW{block}c", "convs_blocked": 2, "convs": 4}
     else:
         assert built.layout["conv_layout"] == "NCHW"
     module = from_built(built)

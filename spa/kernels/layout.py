@@ -9,8 +9,9 @@ faster blocked, 1×1 convs the same. TOPI's ``conv2d_NCHWc`` compute was tried f
 on 1×1 convs (2× slower than NCHW): it reduces over one fused input-channel axis indexed by
 division and modulo; :func:`conv2d_nchwc` reduces over the block and the chunk separately.
 
-Only convs whose weight is a constant, with one group and both channel counts multiples of
-``b``, are blocked (a ResNet stem with 3 input channels stays NCHW). Elementwise ops between
+Only convs whose weight is a constant, with one group and out channels a multiple of ``b``,
+are blocked; one whose in channels are not (a stem on 3 input channels) reads NCHW and writes
+blocked. Elementwise ops between
 blocked convs follow them (``ConvertLayout``), so layout transforms are left only where a
 blocked region meets the rest; the weight and bias transforms are folded into the constants.
 """
@@ -34,23 +35,34 @@ def block_size(spec: TargetSpec) -> int:
 
 
 def conv2d_nchwc(data, kernel, strides, padding, dilation):
-    """conv2d on ``data`` [N, C/b, H, W, b] with ``kernel`` [O/b, C/b, kH, kW, b(in), b(out)]:
-    a TE compute with the input-channel chunk and block as two reduction axes."""
+    """conv2d into [N, O/b, H', W', b] from ``data`` [N, C/b, H, W, b] with ``kernel``
+    [O/b, C/b, kH, kW, b(in), b(out)], or from NCHW ``data`` [N, C, H, W] with ``kernel``
+    [O/b, C, kH, kW, b(out)] (a stem whose input channels are not a multiple of ``b``): a TE
+    compute with the input channels' chunk and block as separate reduction axes."""
     from tvm import te, topi
 
-    n, chunks, h, w, _ = (int(v) for v in data.shape)
-    out_chunks, _, kh, kw, in_block, out_block = (int(v) for v in kernel.shape)
+    blocked_in = len(data.shape) == 5
+    n, chunks, h, w = (int(v) for v in data.shape[:4])
+    out_chunks, _, kh, kw = (int(v) for v in kernel.shape[:4])
+    out_block = int(kernel.shape[-1])
     sh, sw = strides
     top, left, bottom, right = padding
     dh, dw = dilation
     if any(padding):
-        data = topi.nn.pad(data, [0, 0, top, left, 0], [0, 0, bottom, right, 0], name="data_pad")
+        tail = [0] if blocked_in else []
+        data = topi.nn.pad(data, [0, 0, top, left, *tail], [0, 0, bottom, right, *tail], name="data_pad")
     oh = (h + top + bottom - (kh - 1) * dh - 1) // sh + 1
     ow = (w + left + right - (kw - 1) * dw - 1) // sw + 1
     rc = te.reduce_axis((0, chunks), "rc")
     ry = te.reduce_axis((0, kh), "ry")
     rx = te.reduce_axis((0, kw), "rx")
-    rb = te.reduce_axis((0, in_block), "rb")
+    if not blocked_in:
+        return te.compute(
+            (n, out_chunks, oh, ow, out_block),
+            lambda b, o, y, x, ob: te.sum(data[b, rc, y * sh + ry * dh, x * sw + rx * dw] * kernel[o, rc, ry, rx, ob], axis=[rc, ry, rx]),
+            name="conv2d_NCHWc",
+        )
+    rb = te.reduce_axis((0, int(kernel.shape[4])), "rb")
     return te.compute(
         (n, out_chunks, oh, ow, out_block),
         lambda b, o, y, x, ob: te.sum(data[b, rc, y * sh + ry * dh, x * sw + rx * dw, rb] * kernel[o, rc, ry, rx, rb, ob], axis=[rc, ry, rx, rb]),
@@ -62,27 +74,34 @@ def _legalize_conv2d(bb, call):
     from tvm.relax.transform.legalize_ops.nn import _nn_conv2d
 
     a = call.attrs
-    if str(a.data_layout) in ("NCHW", "NHWC"):
+    if str(a.out_layout) in ("NCHW", "NHWC"):
         return _nn_conv2d(bb, call)
     ints = lambda xs: [int(x) for x in xs]  # noqa: E731
     return bb.call_te(conv2d_nchwc, call.args[0], call.args[1], ints(a.strides), ints(a.padding), ints(a.dilation), primfunc_name_hint="conv2d_NCHWc")
 
 
-def _blockable(call, block: int) -> bool:
+def _layouts_for(call, block: int) -> list[str]:
+    """The [data, kernel, output] layouts ``call`` (a conv2d) is built in: channel-blocked where
+    its out channels are a multiple of ``block`` (its input too where its in channels are),
+    NCHW otherwise. A conv left out must still name its layout: with none, TVM's layout
+    inference takes a blocked producer's 5-D layout for the conv's own 4-D one and fails."""
+    nchw = ["NCHW", "OIHW", "NCHW"]
     a = call.attrs
     weight = call.args[1]
     if not hasattr(weight, "value") or int(a.groups) != 1:  # a constant weight: its transform folds
-        return False
+        return nchw
     if str(a.data_layout) != "NCHW" or str(a.kernel_layout) != "OIHW" or str(a.out_layout) != "NCHW":
-        return False
-    if str(weight.value.dtype) != "float32":
-        return False
+        return nchw
     shape = weight.value.shape
-    return len(shape) == 4 and shape[0] % block == 0 and shape[1] % block == 0
+    if str(weight.value.dtype) != "float32" or len(shape) != 4 or shape[0] % block:
+        return nchw
+    if shape[1] % block:
+        return ["NCHW", f"OIHW{block}o", f"NCHW{block}c"]
+    return [f"NCHW{block}c", f"OIHW{block}i{block}o", f"NCHW{block}c"]
 
 
 def _conv_layouts(mod) -> list[str]:
-    """The data layout of every conv2d call in ``mod``'s Relax functions."""
+    """The output layout of every conv2d call in ``mod``'s Relax functions."""
     from tvm import relax
 
     found = []
@@ -94,7 +113,7 @@ def _conv_layouts(mod) -> list[str]:
             for binding in block.bindings:
                 value = binding.value
                 if isinstance(value, relax.Call) and getattr(value.op, "name", None) == "relax.nn.conv2d":
-                    found.append(str(value.attrs.data_layout))
+                    found.append(str(value.attrs.out_layout))
     return found
 
 
@@ -112,11 +131,7 @@ def block_convs(mod, spec: TargetSpec) -> tuple[Any, dict[str, Any]]:
         return mod, {"conv_layout": "NCHW", "convs": len(layouts)}
 
     def choose(call) -> dict[str, list[str]]:
-        # A conv left out must still name its layout: with none, TVM's conv2d layout inference
-        # takes a blocked producer's 5-D layout for its own 4-D one and fails.
-        if call.op.name == "relax.nn.conv2d":
-            return {"relax.nn.conv2d": [f"NCHW{block}c", f"OIHW{block}i{block}o"] if _blockable(call, block) else ["NCHW", "OIHW"]}
-        return {}
+        return {"relax.nn.conv2d": _layouts_for(call, block)} if call.op.name == "relax.nn.conv2d" else {}
 
     converted = relax.transform.ConvertLayout({}, layout_cb=choose)(mod)
     blocked = sum(lay == f"NCHW{block}c" for lay in _conv_layouts(converted))
