@@ -4,10 +4,12 @@ SIMD width (16 on AVX-512, 8 on AVX/AVX2).
 Why: in NCHW the innermost contiguous axis of a conv's output is the image width, so a 7×7 or
 14×14 map fills a 16-lane vector badly whatever schedule MetaSchedule finds. Blocking ``b``
 channels innermost (MLAS's own layout) makes every vector a full set of channels. Measured at
-equal trials on this machine (``benchmarks/target.py --parts layout``): 3×3 convs ran 1.5–1.8×
-faster blocked, 1×1 convs the same. TOPI's ``conv2d_NCHWc`` compute was tried first and lost
-on 1×1 convs (2× slower than NCHW): it reduces over one fused input-channel axis indexed by
-division and modulo; :func:`conv2d_nchwc` reduces over the block and the chunk separately.
+equal trials on this machine (``benchmarks/target.py --parts layout``, docs/target.md): 3×3 and
+1×1 convs ran 1.2–1.4× faster blocked, boundary transforms included, and tuned ResNet-50 at ratio
+0.5 went from 1.39× to 1.65–2.00× ORT's speed on the original. TOPI's ``conv2d_NCHWc``
+compute was tried first and lost on 1×1 convs (2× slower than NCHW): it reduces over one fused
+input-channel axis indexed by division and modulo; :func:`conv2d_nchwc` reduces over the block
+and the chunk separately.
 
 Only convs whose weight is a constant, with one group and out channels a multiple of ``b``,
 are blocked; one whose in channels are not (a stem on 3 input channels) reads NCHW and writes
