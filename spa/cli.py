@@ -526,7 +526,12 @@ def bench_cmd(models, target, tuning_db, input_shapes, input_values, budget, as_
         if as_json:
             click.echo(json.dumps([r.to_json() for r in rows], indent=1))
             return
-        t = Table(title="spa bench: median ms (p10–p90), side by side, order rotated")
+        title = "spa bench: median ms (p10–p90), side by side, order rotated"
+        if emit is not None and not emit.target.is_gpu:
+            from spa.kernels.threads import runtime_threads
+
+            title += f"; TVM on {runtime_threads()} CPU threads"
+        t = Table(title=title)
         for col, justify in (("model", "left"), ("runtime", "left"), ("ms", "right"), ("vs first (ORT)", "right")):
             t.add_column(col, justify=justify)
         for r in rows:
@@ -550,7 +555,8 @@ def _print_target(info: dict[str, Any]) -> None:
         out.print(f"TVM vs ONNX Runtime: max |diff| {info['check']['max_abs_diff']:.3g} (within atol {info['check']['atol']}, rtol {info['check']['rtol']})")
     lat = info.get("latency")
     if lat:
-        out.print(f"latency of this model: TVM {lat['tvm_ms']:.3f} ms · ONNX Runtime {lat['ort_ms']:.3f} ms → deploy {lat['recommended']}",
+        threads = f" on {lat['tvm_threads']} threads" if "tvm_threads" in lat else ""
+        out.print(f"latency of this model: TVM {lat['tvm_ms']:.3f} ms{threads} · ONNX Runtime {lat['ort_ms']:.3f} ms → deploy {lat['recommended']}",
                   markup=False, highlight=False)
     for note in info.get("notes", []):
         out.print(f"note: {note}", markup=False, highlight=False)

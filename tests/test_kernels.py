@@ -92,6 +92,35 @@ def test_cuda_target_arch_and_json_form() -> None:
     assert j.cross and j.suffix == ".llvm-aarch64.tar"
 
 
+def _tvm_threads_in_a_fresh_process(**env: str) -> int:
+    clean = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    code = "import spa.kernels; from spa.kernels.threads import runtime_threads; print(runtime_threads())"
+    proc = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return int(proc.stdout.strip())
+
+
+def test_tvm_runs_on_every_physical_core_unless_the_user_says_otherwise() -> None:
+    """TVM's own default is hardware_concurrency()/2 on x86, 1 thread on the 2-core CI VM."""
+    from spa.kernels.threads import physical_cores
+
+    assert _tvm_threads_in_a_fresh_process() == physical_cores()
+    assert _tvm_threads_in_a_fresh_process(TVM_NUM_THREADS="1") == 1
+    assert _tvm_threads_in_a_fresh_process(OMP_NUM_THREADS="1") == 1
+
+
+def test_physical_cores_count_hyperthread_siblings_once(tmp_path: pathlib.Path) -> None:
+    from spa.kernels.threads import physical_cores
+
+    for cpu, siblings in enumerate(["0,2", "1,3", "0,2", "1,3", "4"]):
+        topo = tmp_path / f"cpu{cpu}" / "topology"
+        topo.mkdir(parents=True)
+        (topo / "thread_siblings_list").write_text(siblings + "\n")
+    assert physical_cores(range(5), tmp_path) == 3
+    assert physical_cores([0, 2], tmp_path) == 1  # both threads of one core
+    assert physical_cores(range(7), tmp_path) == 5  # cpu5, cpu6 have no topology: a core each
+
+
 @pytest.mark.parametrize("text", ["bogus", "llvm -foo", "{not json", '{"mcpu": "x"}', "   "])
 def test_bad_target_is_a_usage_error(text: str) -> None:
     with pytest.raises(UsageError):
@@ -108,6 +137,7 @@ def test_prune_with_llvm_target_writes_a_module_equal_to_ort(demo: pathlib.Path,
     lat = t["latency"]
     assert lat["faster"] in ("tvm", "onnx") and lat["tvm_ms"] > 0 and lat["ort_ms"] > 0
     assert (lat["faster"] == "tvm") == (lat["tvm_ms"] < lat["ort_ms"])
+    assert lat["tvm_threads"] == spa.kernels.TVM_THREADS
     out = tmp_path / "out" / "pruned.onnx"
     out.parent.mkdir()
     result.save(out)

@@ -10,12 +10,18 @@ install it.
 - :mod:`.runtime`: :func:`load` a module and run it with numpy inputs like an ORT session.
 - :mod:`.rpc`: devices behind a TVM RPC tracker.
 - :mod:`.emit`: compile + check against ORT + latency side by side (the pipeline's step).
+- :mod:`.threads`: TVM's CPU thread count, set to the physical cores on import (TVM's own
+  default halves the cores on x86, which left one of the CI machine's two cores idle).
 """
 
 from __future__ import annotations
 
 from spa.kernels.errors import CompileError, RPCError, TuningDatabaseError, TVMMissingError
 from spa.kernels.target import TargetSpec, parse_target
+from spa.kernels.threads import configure as _configure_threads
+
+# Before any TVM kernel runs in this process or a child (MetaSchedule workers inherit it).
+TVM_THREADS = _configure_threads()
 
 __all__ = [
     "CompileError", "RPCError", "TuningDatabaseError", "TVMMissingError",

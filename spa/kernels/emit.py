@@ -110,6 +110,7 @@ def _latency(module, ort, feeds, o: EmitOptions, where: str) -> dict[str, Any]:
     """TVM and ORT on the same model, side by side (local), or TVM's remote time_evaluator
     against ORT here (remote: then the two run on different machines, and the report says so)."""
     from spa import verify
+    from spa.kernels.threads import runtime_threads
 
     tvm_run = module.timer(feeds)
     tvm_run()  # warm-up
@@ -121,6 +122,8 @@ def _latency(module, ort, feeds, o: EmitOptions, where: str) -> dict[str, Any]:
     else:
         m = verify.time_side_by_side([lambda: ort.run(None, dict(feeds)), tvm_run], budget_s=o.bench_budget_s)
         lat = {"ort_ms": m.median_ms[0], "tvm_ms": m.median_ms[1], "ort_p10_p90_ms": list(m.p10_p90_ms[0]), "tvm_p10_p90_ms": list(m.p10_p90_ms[1])}
+        if not o.target.is_gpu:  # TVM's default would have halved it on x86 (spa.kernels.threads)
+            lat["tvm_threads"] = runtime_threads()
     lat["faster"] = "tvm" if lat["tvm_ms"] < lat["ort_ms"] else "onnx"
     lat["recommended"] = "the TVM module" if lat["faster"] == "tvm" else "the ONNX file (ONNX Runtime is faster here)"
     return lat
