@@ -46,6 +46,7 @@ from spa import verify
 from spa.kernels import CompileError, parse_target
 from spa.kernels.build import build, check_against_ort
 from spa.kernels.runtime import from_built
+from spa.kernels.threads import runtime_threads
 from spa.kernels.tune import Tuning
 
 
@@ -93,7 +94,8 @@ def part_resnet50(args, folder: pathlib.Path) -> None:
     m = verify.time_side_by_side(runners, budget_s=args.budget)
     base = m.median_ms[0]
     rows = [[n, f"{med:.2f}", f"{lo:.2f}–{hi:.2f}", f"{base / med:.2f}×"] for n, med, (lo, hi) in zip(names, m.median_ms, m.p10_p90_ms)]
-    print(f"\n{args.model}: ratio {args.ratio}, FLOPs {result.report.flops_ratio:.3f} of the original, pruned in {prune_s:.1f} s")
+    print(f"\n{args.model}: ratio {args.ratio}, FLOPs {result.report.flops_ratio:.3f} of the original, pruned in {prune_s:.1f} s; "
+          f"TVM on {runtime_threads()} threads, ORT on its default (one per physical core)")
     print(table(["runtime / model", "median ms", "p10–p90", "speedup vs ORT original"], rows))
     for n in notes:
         print("  " + n)
