@@ -115,7 +115,11 @@ def prepare(s: Any) -> LatencyModel:
         target = s.emit_options.target
         if target.cross or target.is_gpu:
             raise UsageError(f"--latency-target measures on this machine; {target.text} does not run here (use --rpc-tracker later, or --target onnx)")
-        runtime, measure = f"tvm:{target.text}", lut.tvm_measure(target)
+        from spa.kernels import TVM_THREADS
+
+        # A table measured on another thread count (TVM's own default halved it before
+        # spa.kernels.threads) is another runtime's: never mixed with this one's.
+        runtime, measure = f"tvm:{target.text}:threads={TVM_THREADS}", lut.tvm_measure(target)
     else:
         runtime, measure = "onnxruntime", lut.ort_measure()
     cache = pathlib.Path(o.tuning_db) / lut.CACHE_NAME if o.tuning_db else None
