@@ -4,9 +4,10 @@ SIMD width (16 on AVX-512, 8 on AVX/AVX2).
 Why: in NCHW the innermost contiguous axis of a conv's output is the image width, so a 7×7 or
 14×14 map fills a 16-lane vector badly whatever schedule MetaSchedule finds. Blocking ``b``
 channels innermost (MLAS's own layout) makes every vector a full set of channels. Measured at
-equal trials on this machine (``benchmarks/target.py --parts layout``, docs/target.md): 3×3 and
-1×1 convs ran 1.2–1.4× faster blocked, boundary transforms included, and tuned ResNet-50 at ratio
-0.5 went from 1.39× to 1.65–2.00× ORT's speed on the original. TOPI's ``conv2d_NCHWc``
+equal trials (``benchmarks/target.py --parts layout``, docs/target.md): on a Zen 4 (NCHW16c) 3×3
+and 1×1 convs ran 1.2–1.4× faster blocked, boundary transforms included, and tuned ResNet-50 at
+ratio 0.5 went from 40.8 to 24.5 ms at 2400 trials; on a Zen 3 (NCHW8c) two of the three convs
+ran 1.3–1.5× faster blocked and one 1.2× slower. TOPI's ``conv2d_NCHWc``
 compute was tried first and lost on 1×1 convs (2× slower than NCHW): it reduces over one fused
 input-channel axis indexed by division and modulo; :func:`conv2d_nchwc` reduces over the block
 and the chunk separately.
